@@ -1,0 +1,41 @@
+"""The `tfsearch` command line. Each subcommand lives in the module that owns its concept and registers
+itself through a `register(subparsers)` function; this file only assembles them and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tfsearch.errors import InputError
+
+# modules that define a `register(subparsers)` function, in the order `tfsearch --help` lists them
+COMMAND_MODULES = (
+    "tfsearch.train",
+    "tfsearch.evaluate",
+    "tfsearch.score",
+    "tfsearch.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tfsearch", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"tfsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

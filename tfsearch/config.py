@@ -1,0 +1,104 @@
+"""Training profiles: every number the trainer uses, in one frozen object.
+
+`paper` is method.md's configuration (256 px, 64 base channels, 1500 epochs). `cpu` is the same code at toy
+size, so the whole pipeline runs in minutes on a laptop and in the test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # data
+    image_size: int = 256
+    # network (method.md §4)
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    attention: tuple[bool, ...] = (False, False, True, True)
+    blocks_per_level: int = 2
+    norm_groups: int = 32
+    head_norm_groups: int = 8
+    time_dim: int = 256
+    # transparency process (method.md §2): number of β values, β_k = k / (steps - 1)
+    steps: int = 20
+    # optimisation (method.md §6.3)
+    epochs: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    lr_step_epochs: int = 800
+    lr_gamma: float = 0.1
+    rotation_prob: float = 0.3
+    rotation_degrees: float = 20.0
+    focal_weight: float = 5.0
+    seed: int = 3
+    # epochs at which a checkpoint and the map cache are written; the last one is always `epochs`
+    milestone_every: int = 50
+    # evaluation defaults (method.md §7)
+    lam: float = 0.95
+    kernel: int = 7
+    inference_batch: int = 16
+
+    def milestones(self, every: int | None = None) -> tuple[int, ...]:
+        """Milestone epochs: every `every` epochs, always ending on the final epoch."""
+        step = every or self.milestone_every
+        if step <= 0:
+            raise ValueError(f"milestone interval must be positive, got {step}")
+        grid = list(range(step, self.epochs, step))
+        return tuple(grid + [self.epochs])
+
+    def with_epochs(self, epochs: int) -> Profile:
+        """The same profile trained for `epochs`, its LR drop and milestone grid scaled in proportion."""
+        scale = epochs / self.epochs
+        return self.replace(
+            epochs=epochs,
+            lr_step_epochs=max(1, round(self.lr_step_epochs * scale)),
+            milestone_every=max(1, min(epochs, round(self.milestone_every * scale))),
+        )
+
+    def replace(self, **changes: object) -> Profile:
+        """A copy with some fields changed; unknown names are an error naming them."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown profile field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(name="paper"),
+    "cpu": Profile(
+        name="cpu",
+        image_size=64,
+        base_channels=16,
+        norm_groups=8,
+        head_norm_groups=8,
+        time_dim=64,
+        steps=20,
+        epochs=40,
+        batch_size=16,
+        lr=1e-3,
+        lr_step_epochs=30,
+        milestone_every=10,
+        kernel=3,
+        inference_batch=32,
+    ),
+}
+
+
+def get_profile(name: str, **overrides: object) -> Profile:
+    """Look up a profile by name, optionally overriding fields."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    profile = PROFILES[name]
+    return profile.replace(**overrides) if overrides else profile
+
+
+__all__ = ["PROFILES", "Profile", "get_profile"]

@@ -1,0 +1,702 @@
+"""`tfsearch run`: train once per category with Ray Tune, then select (epoch, λ, n) with Optuna on cached maps.
+
+Stage 1 (training) runs one Ray Tune trial per (category, training configuration). Each trains to the last
+milestone and, at every milestone, saves a checkpoint, writes the maps of the evaluation sets and reports the
+default (λ, n) metrics. Retries (`FailureConfig`), placement and experiment restore are Ray Tune's.
+Stage 2 (selection) runs one Optuna study per category (one for the dataset with `scope: global`) as Ray
+tasks, each candidate a blend of cached maps and the metrics. Nothing in stage 2 trains.
+
+A run folder (`--runs-root`/NAME) holds:
+
+    config.json     the resolved plan (space, dataset, categories, profile, milestones, protocol, ...)
+    studies.db      the Optuna studies (SQLite; `optuna-dashboard sqlite:///.../studies.db` opens it)
+    trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
+    selected.csv    per category: the default configuration's and the selected configuration's metrics
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps; see tfsearch.train), under --storage if given
+    tune/           Ray Tune's experiment state, which `--resume` restores
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from tfsearch import data as datasets
+from tfsearch.atomic import atomic_write_json, atomic_write_text
+from tfsearch.config import PROFILES, Profile
+from tfsearch.errors import InputError
+from tfsearch.metrics import METRIC_NAMES
+from tfsearch.spaces import TRAINABLE, Space, load_space
+from tfsearch.train import TrainDir, TrainJob
+
+PROTOCOLS = ("test", "val")
+TRIAL_COLUMNS = (
+    "dataset",
+    "category",
+    "stage",
+    "space",
+    "protocol",
+    "split",
+    "model",
+    "epoch",
+    "lam",
+    "kernel",
+    *METRIC_NAMES,
+    "objective",
+    "study",
+    "trial",
+    "status",
+    "node_id",
+    "started_at",
+    "finished_at",
+    "images_per_second",
+    "loss",
+)
+CONFIG_FIELDS = ("model", "epoch", "lam", "kernel", "selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SELECTED_COLUMNS = (
+    "dataset",
+    "category",
+    "space",
+    "protocol",
+    "selection_metric",
+    *(f"default_{f}" for f in CONFIG_FIELDS),
+    *(f"selected_{f}" for f in CONFIG_FIELDS),
+)
+MILESTONE_LOG = "milestones.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------- the plan
+@dataclass
+class RunPlan:
+    """Everything a run does, resolved from the command line and the space; stored as `config.json`."""
+
+    name: str
+    run_dir: Path
+    storage: Path
+    space: Space
+    dataset: str
+    data_root: Path | None
+    categories: list[str]
+    profile: Profile
+    milestones: tuple[int, ...]
+    select_on: str = "test"
+    val_root: Path | None = None
+    texture_root: Path | None = None
+    fg_root: Path | None = None
+    restrict_to_foreground: bool = True
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    max_failures: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def validation(self) -> str:
+        if self.select_on == "test":
+            return "none"
+        return "folder" if self.val_root else "synthetic"
+
+    @property
+    def selection_split(self) -> str:
+        return "val" if self.select_on == "val" else "test"
+
+    def job(self, category: str, train_params: dict | None = None) -> TrainJob:
+        profile = self.profile.replace(**train_params) if train_params else self.profile
+        return TrainJob(
+            dataset=self.dataset,
+            category=category,
+            profile=profile,
+            data_root=self.data_root,
+            milestones=self.milestones,
+            texture_root=self.texture_root,
+            fg_root=self.fg_root,
+            restrict_to_foreground=self.restrict_to_foreground,
+            validation=self.validation,
+            val_root=self.val_root,
+        )
+
+    def train_dir(self, category: str, model: str) -> Path:
+        return self.storage / "train" / category / model
+
+    def describe(self) -> dict:
+        """The plan as JSON; two plans that describe the same are the same run."""
+        return {
+            "name": self.name,
+            "storage": str(self.storage),
+            "space": {"name": self.space.name, "source": self.space.source},
+            "scope": self.space.scope,
+            "dataset": self.dataset,
+            "data_root": str(self.data_root) if self.data_root else None,
+            "categories": self.categories,
+            "profile": self.profile.to_dict(),
+            "milestones": list(self.milestones),
+            "select_on": self.select_on,
+            "val_root": str(self.val_root) if self.val_root else None,
+            "texture_root": str(self.texture_root) if self.texture_root else None,
+            "fg_root": str(self.fg_root) if self.fg_root else None,
+            "restrict_to_foreground": self.restrict_to_foreground,
+            "selection": {"metric": self.space.metric, "sampler": self.space.sampler, "trials": self.space.trials},
+        }
+
+    def trial_settings(self) -> dict:
+        """What a training trial needs to know besides its category (sent to Ray workers)."""
+        return {
+            "plan": self.describe(),
+            "storage": str(self.storage),
+            "split": self.selection_split,
+            "metric": self.space.metric,
+            "lam": self.profile.lam,
+            "kernel": self.profile.kernel,
+            "protocol": self.select_on,
+            "cpus": self.cpus_per_trial,
+        }
+
+
+def model_id(train_params: dict) -> str:
+    """A readable, filesystem-safe name for a training configuration."""
+    if not train_params:
+        return "default"
+    return "-".join(f"{k}={train_params[k]:.4g}" for k in sorted(train_params)).replace("/", "_")
+
+
+def job_from_settings(settings: dict, category: str, train_params: dict) -> TrainJob:
+    plan = settings["plan"]
+    profile_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in plan["profile"].items()}
+    profile = Profile(**profile_fields)
+    return TrainJob(
+        dataset=plan["dataset"],
+        category=category,
+        profile=profile.replace(**train_params) if train_params else profile,
+        data_root=Path(plan["data_root"]) if plan["data_root"] else None,
+        milestones=tuple(plan["milestones"]),
+        texture_root=Path(plan["texture_root"]) if plan["texture_root"] else None,
+        fg_root=Path(plan["fg_root"]) if plan["fg_root"] else None,
+        restrict_to_foreground=plan["restrict_to_foreground"],
+        validation="none" if plan["select_on"] == "test" else ("folder" if plan["val_root"] else "synthetic"),
+        val_root=Path(plan["val_root"]) if plan["val_root"] else None,
+    )
+
+
+# ------------------------------------------------------------------------------------ training trials
+def read_milestone_log(train_dir: Path) -> list[dict]:
+    path = train_dir / MILESTONE_LOG
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def train_category(config: dict) -> None:
+    """Ray Tune trainable: train one category (one training configuration) to its last milestone.
+
+    At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
+    folder and reports to Tune with the checkpoint folder, which Tune persists and hands back on a retry.
+    """
+    import ray
+    import torch
+    from ray import tune
+
+    from tfsearch.map_cache import read_map_set
+    from tfsearch.metrics import GroundTruth, evaluate, fuse
+    from tfsearch.train import CHECKPOINT_FILE, Runtime, Trainer
+
+    settings = config["settings"]
+    category = config["category"]
+    train_params = {k: config[k] for k in TRAINABLE if k in config}
+    model = model_id(train_params)
+    job = job_from_settings(settings, category, train_params)
+    train_dir = Path(settings["storage"]) / "train" / category / model
+    torch.set_num_threads(max(1, int(settings["cpus"])))
+
+    trainer = Trainer(job, train_dir, Runtime(device="auto", progress=False))
+    trainer.start(resume=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
+        if state["epoch"] > trainer.epoch:
+            trainer.load_state(state)
+    node_id = ray.get_runtime_context().get_node_id()
+    started = now()
+
+    def report(milestone) -> None:
+        maps = read_map_set(TrainDir(train_dir).maps(milestone.epoch, settings["split"]))
+        fused = fuse(maps.m_disc, maps.m_recon, settings["lam"], settings["kernel"])
+        metrics = evaluate(GroundTruth.from_masks(np.asarray(maps.masks)), fused)
+        row = {
+            "category": category,
+            "model": model,
+            "epoch": milestone.epoch,
+            "lam": settings["lam"],
+            "kernel": settings["kernel"],
+            "split": settings["split"],
+            **metrics,
+            "node_id": node_id,
+            "started_at": started,
+            "finished_at": now(),
+            "images_per_second": milestone.images_per_second,
+            "loss": milestone.loss,
+        }
+        log = [r for r in read_milestone_log(train_dir) if r["epoch"] != milestone.epoch] + [row]
+        atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))
+        value = metrics[settings["metric"]]
+        tune.report(
+            {
+                "epoch": milestone.epoch,
+                "selection_value": 0.0 if math.isnan(value) else value,
+                **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+            },
+            checkpoint=tune.Checkpoint.from_directory(str(milestone.checkpoint)),
+        )
+
+    trainer.fit(on_milestone=report)
+
+
+class ProgressView:
+    """A live console view of the training stage: categories, trials done and running, best so far."""
+
+    def __init__(self, plan: RunPlan, quiet: bool) -> None:
+        self.plan, self.quiet = plan, quiet
+        self.best: dict[str, float] = {}
+        self.done: set[str] = set()
+        self.running: set[str] = set()
+
+    def callback(self):
+        from ray import tune
+
+        view = self
+
+        class Callback(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                view.running.add(trial.trial_id)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                category = trial.config["category"]
+                value = result.get("selection_value", float("nan"))
+                view.best[category] = max(view.best.get(category, -math.inf), value)
+                view.show(f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                view.running.discard(trial.trial_id)
+                view.done.add(trial.trial_id)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                view.running.discard(trial.trial_id)
+                view.show(f"{trial.config['category']}: trial {trial.trial_id} failed")
+
+        return Callback()
+
+    def show(self, event: str) -> None:
+        if self.quiet:
+            return
+        best = ", ".join(f"{c} {v:.3f}" for c, v in sorted(self.best.items()))
+        print(
+            f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}",
+            flush=True,
+        )
+
+
+def trial_name(trial) -> str:
+    """Names shown by the Ray dashboard and Tune: stage, category and training configuration."""
+    params = {k: trial.config[k] for k in TRAINABLE if k in trial.config}
+    return f"train-{trial.config['category']}-{model_id(params)}"
+
+
+def run_training(plan: RunPlan, quiet: bool, trainable=train_category) -> None:
+    """Stage 1: one Tune trial per (category, training configuration), restored if the run was interrupted."""
+    from ray import tune
+
+    settings = plan.trial_settings()
+    resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+    runnable = tune.with_resources(trainable, resources)
+    tune_dir = plan.run_dir / "tune"
+    view = ProgressView(plan, quiet)
+    run_config = tune.RunConfig(
+        name="train",
+        storage_path=str(tune_dir.resolve()),
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        callbacks=[view.callback()],
+        verbose=0,
+    )
+    experiment = tune_dir / "train"
+    if tune.Tuner.can_restore(str(experiment.resolve())):
+        tuner = tune.Tuner.restore(
+            str(experiment.resolve()), runnable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        configs = [{"category": c, "settings": settings} for c in plan.categories]
+        tuner = tune.Tuner(
+            runnable,
+            param_space={"category": tune.grid_search(plan.categories), "settings": settings}
+            if configs
+            else {},
+            tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    for result in results:
+        if result.error is not None and not quiet:
+            print(f"[train] a training trial failed for good: {result.error}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- selection
+def storage_url(plan: RunPlan) -> str:
+    return f"sqlite:///{(plan.run_dir / 'studies.db').resolve()}"
+
+
+def open_storage(url: str):
+    import optuna
+
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+
+
+def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
+    """Training configurations of a category and the milestone epochs whose maps they finished."""
+    models = {}
+    folder = plan.storage / "train" / category
+    for model_dir in sorted(p for p in folder.glob("*") if p.is_dir()):
+        epochs = [e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones]
+        if epochs:
+            models[model_dir.name] = epochs
+    return models
+
+
+def study_name(plan: RunPlan, category: str | None) -> str:
+    return f"{plan.space.name}/{plan.dataset}/{category or 'all'}"
+
+
+def select(plan: RunPlan, quiet: bool) -> None:
+    """Stage 2: the studies, as Ray tasks (one per category, or one for the dataset with scope global)."""
+    import ray
+
+    from tfsearch.selection import StudyPlan
+
+    url = storage_url(plan)
+    open_storage(url)  # creates the schema once, before tasks open it concurrently
+    groups = [[c] for c in plan.categories] if plan.space.scope != "global" else [plan.categories]
+    pending = []
+    for group in groups:
+        study_plan = selection_plan(plan, group)
+        if study_plan is None:
+            if not quiet:
+                print(f"[select] {', '.join(group)}: no finished milestone to select from", file=sys.stderr)
+            continue
+        pending.append(ray.remote(num_cpus=1)(run_study_task).remote(url, study_plan))
+    ray.get(pending)
+
+
+def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
+    """Candidates of a group of categories on `split` (default: the selection split)."""
+    from tfsearch.selection import CandidateSet, Config, StudyPlan
+
+    split = split or plan.selection_split
+    models_by_category = {c: trained_models(plan, c) for c in categories}
+    if not all(models_by_category.values()):
+        return None
+    models = sorted(set.intersection(*(set(m) for m in models_by_category.values())))
+    if not models:
+        return None
+    epochs_per_model = {m: set.intersection(*(set(mc[m]) for mc in models_by_category.values())) for m in models}
+    allowed = set(plan.space.epoch_choices(plan.milestones))
+    epochs = sorted(set.union(*epochs_per_model.values()) & allowed)
+    candidates = {
+        c: CandidateSet(
+            {
+                (m, e): TrainDir(plan.train_dir(c, m)).maps(e, split)
+                for m in models
+                for e in epochs_per_model[m]
+                if e in allowed
+            }
+        )
+        for c in categories
+    }
+    default_model = "default" if "default" in models else models[0]
+    last = max(epochs_per_model[default_model])
+    default = Config(default_model, last, plan.profile.lam, plan.profile.kernel)
+    name = study_name(plan, categories[0] if plan.space.scope != "global" else None)
+    return StudyPlan(name, plan.space, candidates, models, epochs, default)
+
+
+def run_study_task(url: str, study_plan) -> None:
+    from tfsearch.selection import run_study
+
+    run_study(open_storage(url), study_plan)
+
+
+# ------------------------------------------------------------------------------------------ results
+def training_rows(plan: RunPlan) -> list[dict]:
+    rows = []
+    for category in plan.categories:
+        for model_dir in sorted((plan.storage / "train" / category).glob("*")):
+            for record in read_milestone_log(model_dir):
+                rows.append({**record, "stage": "train", "status": "ok", "objective": ""})
+    return rows
+
+
+def selection_rows(plan: RunPlan) -> list[dict]:
+    import optuna
+
+    storage = open_storage(storage_url(plan))
+    names = {s.study_name for s in storage.get_all_studies()}
+    scopes = [None] if plan.space.scope == "global" else plan.categories
+    rows = []
+    for group in scopes:
+        name = study_name(plan, group)
+        if name not in names:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for trial in study.get_trials(deepcopy=False):
+            if "metrics" not in trial.user_attrs:
+                continue
+            attrs = trial.user_attrs
+            for category, metrics in attrs["metrics"].items():
+                rows.append(
+                    {
+                        "category": category,
+                        "stage": "select",
+                        "split": plan.selection_split,
+                        **{k: attrs[k] for k in ("model", "epoch", "lam", "kernel")},
+                        **metrics,
+                        "objective": trial.value,
+                        "study": name,
+                        "trial": trial.number,
+                        "status": trial.state.name.lower(),
+                        "started_at": trial.datetime_start.isoformat(timespec="seconds")
+                        if trial.datetime_start
+                        else "",
+                        "finished_at": trial.datetime_complete.isoformat(timespec="seconds")
+                        if trial.datetime_complete
+                        else "",
+                    }
+                )
+    return rows
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: format_cell(row.get(k, "")) for k in columns})
+    atomic_write_text(path, out.getvalue())
+
+
+def format_cell(value: object) -> object:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return "" if value is None else value
+
+
+def write_trials(plan: RunPlan) -> list[dict]:
+    """Rebuild `trials.csv` from the durable sources: the milestone logs and the studies."""
+    common = {"dataset": plan.dataset, "space": plan.space.name, "protocol": plan.select_on}
+    rows = [{**common, **r} for r in training_rows(plan) + selection_rows(plan)]
+    stage_order = {"train": 0, "select": 1}
+    rows.sort(key=lambda r: (stage_order[r["stage"]], r["category"], r.get("study", ""), r.get("trial", -1),
+                             r["model"], r["epoch"]))
+    write_csv(plan.run_dir / "trials.csv", TRIAL_COLUMNS, rows)
+    return rows
+
+
+def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
+    """Per category: the default and the selected configuration, each with its selection value and its test
+    metrics (for `--select-on val`, test maps are read only here, after every study has finished)."""
+    import optuna
+
+    from tfsearch.selection import best_config, mean_metrics
+
+    storage = open_storage(storage_url(plan))
+    groups = [[c] for c in plan.categories] if plan.space.scope != "global" else [plan.categories]
+    rows = []
+    for group in groups:
+        selection = selection_plan(plan, group)
+        if selection is None:
+            continue
+        default = selection.default
+        default_per_category = {c: s.evaluate(default) for c, s in selection.candidates.items()}
+        default_value = mean_metrics(default_per_category)[plan.space.metric]
+        try:
+            study = optuna.load_study(study_name=selection.name, storage=storage)
+        except KeyError:
+            continue
+        chosen, chosen_value = best_config(study, default, default_value)
+        if plan.select_on == "val":
+            test = selection_plan(plan, group, split="test").candidates
+        else:
+            test = selection.candidates
+        for category in group:
+            row = {
+                "dataset": plan.dataset,
+                "category": category,
+                "space": plan.space.name,
+                "protocol": plan.select_on,
+                "selection_metric": plan.space.metric,
+            }
+            for prefix, config in (("default", default), ("selected", chosen)):
+                own = selection.candidates[category].evaluate(config)[plan.space.metric]
+                row.update({f"{prefix}_{k}": v for k, v in config.as_params().items()})
+                row[f"{prefix}_selection_value"] = own
+                row.update({f"{prefix}_test_{k}": v for k, v in test[category].evaluate(config).items()})
+            rows.append(row)
+            if not quiet:
+                print(
+                    f"[select] {category}: default {plan.space.metric} {row['default_selection_value']:.4f} -> "
+                    f"selected {row['selected_selection_value']:.4f} (epoch {chosen.epoch}, λ {chosen.lam:.3f}, "
+                    f"n {chosen.kernel}); test image AUROC {row['selected_test_image_auroc']:.4f}"
+                )
+        del chosen_value
+    write_csv(plan.run_dir / "selected.csv", SELECTED_COLUMNS, rows)
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- Ray
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail within seconds, naming the address, when nothing listens there (ray.init would wait long)."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise InputError(f"--address {address}: no Ray cluster reachable there ({exc})") from None
+
+
+def connect(address: str | None, quiet: bool) -> None:
+    """Join a cluster, or start Ray on this machine with the dashboard on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: os.environ[k] for k in ("WANDB_MODE",) if k in os.environ}}
+    if address:
+        check_reachable(address)
+        context = ray.init(address=address, runtime_env=env, log_to_driver=not quiet)
+    else:
+        context = ray.init(
+            include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=not quiet
+        )
+    url = getattr(context, "dashboard_url", None)
+    if url and not quiet:
+        print(f"Ray dashboard: http://{url}", flush=True)
+
+
+# -------------------------------------------------------------------------------------------- run
+def make_plan(args) -> RunPlan:
+    space = load_space(args.space)
+    if args.select_on not in PROTOCOLS:
+        raise InputError(f"--select-on must be one of {PROTOCOLS}, got {args.select_on!r}")
+    if args.val_root is not None and args.select_on != "val":
+        raise InputError("--val-root only applies with --select-on val")
+    profile = space.resolve_profile(args.profile)
+    if args.epochs:
+        profile = profile.with_epochs(args.epochs)
+    categories = datasets.resolve_categories(args.dataset, args.data_root, args.category, args.categories)
+    name = args.name or f"{space.name}-{args.dataset}"
+    run_dir = Path(args.runs_root) / name
+    storage = Path(args.storage) / name if args.storage else run_dir
+    return RunPlan(
+        name=name,
+        run_dir=run_dir,
+        storage=storage,
+        space=space,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        categories=categories,
+        profile=profile,
+        milestones=space.resolve_milestones(profile),
+        select_on=args.select_on,
+        val_root=args.val_root,
+        texture_root=args.texture_root,
+        fg_root=args.fg_root,
+        restrict_to_foreground=not args.no_foreground,
+        gpus_per_trial=args.gpus_per_trial if args.gpus_per_trial is not None else 0.0,
+        cpus_per_trial=args.cpus_per_trial,
+        max_failures=args.max_failures,
+    )
+
+
+def start_run(plan: RunPlan, resume: bool) -> None:
+    """Create the run folder, or check that `--resume` continues the same plan."""
+    config = plan.run_dir / "config.json"
+    if config.exists():
+        if not resume:
+            raise InputError(f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name")
+        stored = json.loads(config.read_text())
+        changed = sorted(k for k, v in plan.describe().items() if stored.get(k) != v)
+        if changed:
+            raise InputError(f"--resume: this command differs from {config} in {changed}")
+    elif resume:
+        raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
+    else:
+        atomic_write_json(config, plan.describe())
+
+
+def execute(plan: RunPlan, *, resume: bool = False, quiet: bool = False, address: str | None = None,
+            trainable=train_category) -> list[dict]:
+    """The whole run: training, selection, tables. Returns the rows of `selected.csv`."""
+    import ray
+
+    start_run(plan, resume)
+    connect(address, quiet)
+    if plan.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0) > 0:
+        plan.gpus_per_trial = 1.0
+    started = time.perf_counter()
+    run_training(plan, quiet, trainable)
+    trained = time.perf_counter()
+    select(plan, quiet)
+    write_trials(plan)
+    selected = write_selected(plan, quiet)
+    if not quiet:
+        print(
+            f"[done] training {trained - started:.1f} s, selection and tables {time.perf_counter() - trained:.1f} s;"
+            f" results in {plan.run_dir}"
+        )
+    return selected
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="train once per category, then search (epoch, λ, n) per category")
+    parser.add_argument("--space", default="per_class", help="a built-in space (`tfsearch spaces`) or a YAML path")
+    datasets.add_data_arguments(parser, multiple=True)
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="training profile (default: the space's)")
+    parser.add_argument("--epochs", type=int, help="override the profile's epochs (LR drop and grid scale along)")
+    parser.add_argument("--name", help="run name (default: SPACE-DATASET)")
+    parser.add_argument("--runs-root", default="runs", help="folder that holds the runs (default: runs)")
+    parser.add_argument("--storage", help="shared path for training runs (checkpoints, maps); default: the run")
+    parser.add_argument("--select-on", default="test", choices=PROTOCOLS,
+                        help="test: the supplement's oracle protocol; val: held-out data, test reported after")
+    parser.add_argument("--val-root", type=Path, help="MVTec-layout validation data (CATEGORY/test) for val")
+    parser.add_argument("--texture-root", type=Path, help="DTD-layout texture images for anomaly synthesis")
+    parser.add_argument("--fg-root", type=Path, help="foreground masks: ROOT/CATEGORY/train/good/<name>.png")
+    parser.add_argument("--no-foreground", action="store_true", help="anomalies anywhere on object categories")
+    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per training trial (default: 1 if any)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial")
+    parser.add_argument("--max-failures", type=int, default=2, help="retries of a failing training trial")
+    parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
+    parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=run_search)
+
+
+def run_search(args) -> int:
+    if args.address:
+        check_reachable(args.address)
+    plan = make_plan(args)
+    execute(plan, resume=args.resume, quiet=args.quiet, address=args.address)
+    return 0
