@@ -12,6 +12,8 @@ from tfsearch.errors import InputError
 
 # modules that define a `register(subparsers)` function, in the order `tfsearch --help` lists them
 COMMAND_MODULES = (
+    "tfsearch.search",
+    "tfsearch.spaces",
     "tfsearch.train",
     "tfsearch.evaluate",
     "tfsearch.score",

@@ -6,7 +6,7 @@ A selection search scores many (epoch, λ, n) candidates of one category against
   pixel, the counts used for normalisation) is computed once, in `GroundTruth.from_masks`;
 - `MapFuser` filters each raw map stack once per kernel size and blends per λ; the mean filter is linear, so
   f_n(λ·A + (1−λ)·B) = λ·f_n(A) + (1−λ)·f_n(B) (method.md §7.6). Fused maps are float32;
-- one value sort of all pixels serves every pixel metric (`_PixelCurve`).
+- one value sort of all pixels serves every pixel metric (`_RankedCurve`).
 
 The pixel metrics need no argsort of all pixels. They are all functions of the ROC / PRO / PR curves, and the
 points of those curves between two consecutive distinct *defect-pixel* values move only along the FPR axis
@@ -22,8 +22,8 @@ algorithms give (up to float rounding of sums, ~1e-15):
 - AUPRO up to an FPR limit (0.3): MVTec AD's `au_pro_util` exactly as method.md §8 describes
   (8-connected regions, global normalisation by #regions and #normal pixels, the last index of each tied run,
   curves clipped to 1 and padded with (0,0) and (1,1), trapezoid to the limit with linear interpolation at the
-  limit, divided by the limit). Dropping the points inside a run of normal pixels changes nothing: PRO is constant along such
-  a run, so its trapezoids and an interpolation at the limit inside it give the same area.
+  limit, divided by the limit). Dropping the points inside a run of normal pixels changes nothing: PRO is
+  constant along such a run, so its trapezoids and an interpolation at the limit inside it give the same area.
 
 A metric that is undefined for the ground truth (no defect image, no normal image, no normal pixel) is NaN;
 `GroundTruth.undefined_reasons` says why, for reports.
@@ -54,9 +54,8 @@ class GroundTruth:
     """What the metrics need from the binarised masks of one evaluation set, computed once per category."""
 
     shape: tuple[int, int, int]  # (N, H, W) of the masks, which every map stack must match
-    image_labels: (
-        np.ndarray
-    )  # bool (N,): an image is anomalous iff its mask has a defect pixel (method.md §8)
+    # bool (N,): an image is anomalous iff its mask has a defect pixel (method.md §8)
+    image_labels: np.ndarray
     defect_index: np.ndarray  # int64, ascending flat indices of the defect pixels into an (N, H, W) stack
     region_weight: np.ndarray  # float64, 1/|region| of each defect pixel, in `defect_index` order
     n_regions: int  # 8-connected defect regions over the whole set
@@ -141,19 +140,17 @@ class _RankedCurve:
         positive_count = np.diff(np.append(starts, descending.size))
         positive_ge = np.cumsum(positive_count)
         n_scores = sorted_scores.size
-        below = np.searchsorted(sorted_scores, values, side="left")
-        # pixels tied with v beyond the positives at v are rare: search `side="right"` only for those
+        below = np.searchsorted(sorted_scores, values, side="left")  # how many score < v
+        # how many score <= v: at least the positives at v; a negative tied with them is rare, so the
+        # second binary search runs only where the next sorted score still equals v
         not_above = below + positive_count
-        tied_extra = not_above < n_scores
-        tied_extra[tied_extra] = sorted_scores[not_above[tied_extra]] == values[tied_extra]
-        not_above[tied_extra] = np.searchsorted(sorted_scores, values[tied_extra], side="right")
+        tied = not_above < n_scores
+        tied[tied] = sorted_scores[not_above[tied]] == values[tied]
+        not_above[tied] = np.searchsorted(sorted_scores, values[tied], side="right")
         positive_gt = positive_ge - positive_count
-        weight_ge = weight_gt = np.zeros(0)
-        if positive_weights is not None:
-            weight_ge = (
-                np.cumsum(np.add.reduceat(positive_weights[order], starts)) if starts.size else weight_ge
-            )
-            weight_gt = np.concatenate(([0.0], weight_ge[:-1]))
+        weight_ge = np.zeros(0)
+        if positive_weights is not None and starts.size:
+            weight_ge = np.cumsum(np.add.reduceat(positive_weights[order], starts))
         return cls(
             n_positive=int(positive_scores.size),
             n_negative=int(n_scores - positive_scores.size),
@@ -162,7 +159,7 @@ class _RankedCurve:
             negative_ge=(n_scores - below) - positive_ge,
             negative_gt=(n_scores - not_above) - positive_gt,
             weight_ge=weight_ge,
-            weight_gt=weight_gt,
+            weight_gt=np.concatenate(([0.0], weight_ge))[:-1],
         )
 
     def auroc(self) -> float:

@@ -1,4 +1,5 @@
-"""`tfsearch run`: train once per category with Ray Tune, then select (epoch, λ, n) with Optuna on cached maps.
+"""`tfsearch run`: train once per category with Ray Tune, then select (epoch, λ, n) with Optuna on cached
+maps.
 
 Stage 1 (training) runs one Ray Tune trial per (category, training configuration). Each trains to the last
 milestone and, at every milestone, saves a checkpoint, writes the maps of the evaluation sets and reports the
@@ -149,7 +150,11 @@ class RunPlan:
             "texture_root": str(self.texture_root) if self.texture_root else None,
             "fg_root": str(self.fg_root) if self.fg_root else None,
             "restrict_to_foreground": self.restrict_to_foreground,
-            "selection": {"metric": self.space.metric, "sampler": self.space.sampler, "trials": self.space.trials},
+            "selection": {
+                "metric": self.space.metric,
+                "sampler": self.space.sampler,
+                "trials": self.space.trials,
+            },
         }
 
     def trial_settings(self) -> dict:
@@ -381,7 +386,6 @@ def select(plan: RunPlan, quiet: bool) -> None:
     """Stage 2: the studies, as Ray tasks (one per category, or one for the dataset with scope global)."""
     import ray
 
-    from tfsearch.selection import StudyPlan
 
     url = storage_url(plan)
     open_storage(url)  # creates the schema once, before tasks open it concurrently
@@ -408,7 +412,9 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
     models = sorted(set.intersection(*(set(m) for m in models_by_category.values())))
     if not models:
         return None
-    epochs_per_model = {m: set.intersection(*(set(mc[m]) for mc in models_by_category.values())) for m in models}
+    epochs_per_model = {
+        m: set.intersection(*(set(mc[m]) for mc in models_by_category.values())) for m in models
+    }
     allowed = set(plan.space.epoch_choices(plan.milestones))
     epochs = sorted(set.union(*epochs_per_model.values()) & allowed)
     candidates = {
@@ -504,8 +510,16 @@ def write_trials(plan: RunPlan) -> list[dict]:
     common = {"dataset": plan.dataset, "space": plan.space.name, "protocol": plan.select_on}
     rows = [{**common, **r} for r in training_rows(plan) + selection_rows(plan)]
     stage_order = {"train": 0, "select": 1}
-    rows.sort(key=lambda r: (stage_order[r["stage"]], r["category"], r.get("study", ""), r.get("trial", -1),
-                             r["model"], r["epoch"]))
+    rows.sort(
+        key=lambda r: (
+            stage_order[r["stage"]],
+            r["category"],
+            r.get("study", ""),
+            r.get("trial", -1),
+            r["model"],
+            r["epoch"],
+        )
+    )
     write_csv(plan.run_dir / "trials.csv", TRIAL_COLUMNS, rows)
     return rows
 
@@ -552,9 +566,10 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
             rows.append(row)
             if not quiet:
                 print(
-                    f"[select] {category}: default {plan.space.metric} {row['default_selection_value']:.4f} -> "
-                    f"selected {row['selected_selection_value']:.4f} (epoch {chosen.epoch}, λ {chosen.lam:.3f}, "
-                    f"n {chosen.kernel}); test image AUROC {row['selected_test_image_auroc']:.4f}"
+                    f"[select] {category}: default {plan.space.metric} {row['default_selection_value']:.4f}"
+                    f" -> selected {row['selected_selection_value']:.4f} (epoch {chosen.epoch},"
+                    f" λ {chosen.lam:.3f}, n {chosen.kernel}); test image AUROC"
+                    f" {row['selected_test_image_auroc']:.4f}"
                 )
         del chosen_value
     write_csv(plan.run_dir / "selected.csv", SELECTED_COLUMNS, rows)
@@ -581,15 +596,17 @@ def connect(address: str | None, quiet: bool) -> None:
     """Join a cluster, or start Ray on this machine with the dashboard on 127.0.0.1."""
     import ray
 
+    # Tune warns on every checkpoint of short milestones; the console view reports progress instead
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
     env = {"env_vars": {k: os.environ[k] for k in ("WANDB_MODE",) if k in os.environ}}
     if address:
         check_reachable(address)
-        context = ray.init(address=address, runtime_env=env, log_to_driver=not quiet)
+        context = ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         context = ray.init(
-            include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=not quiet
+            include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=False
         )
     url = getattr(context, "dashboard_url", None)
     if url and not quiet:
@@ -636,7 +653,9 @@ def start_run(plan: RunPlan, resume: bool) -> None:
     config = plan.run_dir / "config.json"
     if config.exists():
         if not resume:
-            raise InputError(f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name")
+            raise InputError(
+                f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
+            )
         stored = json.loads(config.read_text())
         changed = sorted(k for k, v in plan.describe().items() if stored.get(k) != v)
         if changed:
@@ -647,8 +666,14 @@ def start_run(plan: RunPlan, resume: bool) -> None:
         atomic_write_json(config, plan.describe())
 
 
-def execute(plan: RunPlan, *, resume: bool = False, quiet: bool = False, address: str | None = None,
-            trainable=train_category) -> list[dict]:
+def execute(
+    plan: RunPlan,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    address: str | None = None,
+    trainable=train_category,
+) -> list[dict]:
     """The whole run: training, selection, tables. Returns the rows of `selected.csv`."""
     import ray
 
@@ -664,27 +689,41 @@ def execute(plan: RunPlan, *, resume: bool = False, quiet: bool = False, address
     selected = write_selected(plan, quiet)
     if not quiet:
         print(
-            f"[done] training {trained - started:.1f} s, selection and tables {time.perf_counter() - trained:.1f} s;"
-            f" results in {plan.run_dir}"
+            f"[done] training {trained - started:.1f} s, selection and tables"
+            f" {time.perf_counter() - trained:.1f} s; results in {plan.run_dir}"
         )
     return selected
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="train once per category, then search (epoch, λ, n) per category")
-    parser.add_argument("--space", default="per_class", help="a built-in space (`tfsearch spaces`) or a YAML path")
+    parser = subparsers.add_parser(
+        "run", help="train once per category, then search (epoch, λ, n) per category"
+    )
+    parser.add_argument(
+        "--space", default="per_class", help="a built-in space (`tfsearch spaces`) or a YAML path"
+    )
     datasets.add_data_arguments(parser, multiple=True)
     parser.add_argument("--profile", choices=sorted(PROFILES), help="training profile (default: the space's)")
-    parser.add_argument("--epochs", type=int, help="override the profile's epochs (LR drop and grid scale along)")
+    parser.add_argument(
+        "--epochs", type=int, help="override the profile's epochs (LR drop and grid scale along)"
+    )
     parser.add_argument("--name", help="run name (default: SPACE-DATASET)")
     parser.add_argument("--runs-root", default="runs", help="folder that holds the runs (default: runs)")
-    parser.add_argument("--storage", help="shared path for training runs (checkpoints, maps); default: the run")
-    parser.add_argument("--select-on", default="test", choices=PROTOCOLS,
-                        help="test: the supplement's oracle protocol; val: held-out data, test reported after")
+    parser.add_argument(
+        "--storage", help="shared path for training runs (checkpoints, maps); default: the run"
+    )
+    parser.add_argument(
+        "--select-on",
+        default="test",
+        choices=PROTOCOLS,
+        help="test: the supplement's oracle protocol; val: held-out data, test reported after",
+    )
     parser.add_argument("--val-root", type=Path, help="MVTec-layout validation data (CATEGORY/test) for val")
     parser.add_argument("--texture-root", type=Path, help="DTD-layout texture images for anomaly synthesis")
     parser.add_argument("--fg-root", type=Path, help="foreground masks: ROOT/CATEGORY/train/good/<name>.png")
-    parser.add_argument("--no-foreground", action="store_true", help="anomalies anywhere on object categories")
+    parser.add_argument(
+        "--no-foreground", action="store_true", help="anomalies anywhere on object categories"
+    )
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per training trial (default: 1 if any)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failing training trial")

@@ -95,7 +95,9 @@ def checkpoint_names(models: list[str], epochs: list[int]) -> list[str]:
     return [f"{model}@{epoch}" for model in models for epoch in epochs]
 
 
-def suggest(trial: optuna.Trial, space: Space, models: list[str], epochs: list[int], default: Config) -> Config:
+def suggest(
+    trial: optuna.Trial, space: Space, models: list[str], epochs: list[int], default: Config
+) -> Config:
     """Draw one candidate. With several trained models the model and epoch are one categorical choice."""
     if len(models) * len(epochs) > 1:
         model, epoch = trial.suggest_categorical("checkpoint", checkpoint_names(models, epochs)).split("@")
@@ -191,5 +193,7 @@ def best_config(study: optuna.Study, default: Config, default_value: float) -> t
     best = max(complete, key=lambda t: (t.value, -t.number))
     if math.isnan(default_value) or best.value > default_value:
         attrs = best.user_attrs
-        return Config(attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"])), best.value
+        return Config(
+            attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"])
+        ), best.value
     return default, default_value

@@ -1,0 +1,174 @@
+"""The trainer: learning, milestones, bit-identical resume, validation data, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tfsearch.cli import main
+from tfsearch.config import get_profile
+from tfsearch.errors import InputError
+from tfsearch.map_cache import read_map_set
+from tfsearch.train import Runtime, TrainDir, Trainer, TrainJob, held_out, train
+
+QUIET = Runtime(device="cpu", progress=False)
+
+
+def tiny_profile(**changes):
+    base = dict(
+        image_size=32,
+        base_channels=8,
+        norm_groups=4,
+        head_norm_groups=4,
+        time_dim=32,
+        epochs=4,
+        batch_size=8,
+        lr_step_epochs=3,
+        milestone_every=2,
+        inference_batch=16,
+    )
+    base.update(changes)
+    return get_profile("cpu").replace(**base)
+
+
+def tiny_job(root, **changes):
+    return TrainJob(dataset="demo", category="stripes", profile=tiny_profile(), data_root=root, **changes)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_short_run_lowers_the_loss(demo_dataset_root, tmp_path):
+    profile = tiny_profile(epochs=8, lr_step_epochs=8, milestone_every=8)
+    job = TrainJob(dataset="demo", category="stripes", profile=profile, data_root=demo_dataset_root)
+    trainer = train(job, tmp_path / "run", QUIET)
+    losses = [row["loss_total"] for row in trainer.history]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_milestones_write_checkpoints_and_maps(demo_dataset_root, tmp_path):
+    trainer = train(tiny_job(demo_dataset_root), tmp_path / "run", QUIET)
+    run = TrainDir(tmp_path / "run")
+    assert run.checkpoint_epochs() == [2, 4]
+    assert run.map_epochs() == [2, 4]
+    maps = read_map_set(run.maps(4))
+    category = trainer.data.category
+    assert list(maps.image_ids) == [s.image_id for s in category.test]
+    assert maps.m_disc.shape == (len(category.test), 32, 32)
+    assert maps.m_disc.dtype == np.float16
+    # M_disc sums 18 probabilities and divides by 19; M_recon is a squared error of [0,1] images
+    assert 0 <= float(maps.m_disc.min()) and float(maps.m_disc.max()) <= 18 / 19 + 1e-3
+    assert 0 <= float(maps.m_recon.min()) and float(maps.m_recon.max()) <= 1
+    assert maps.labels.tolist() == [s.label for s in category.test]
+    assert maps.meta["epoch"] == 4 and maps.meta["split"] == "test"
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 4
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(demo_dataset_root, tmp_path):
+    job = tiny_job(demo_dataset_root)
+    reference = train(job, tmp_path / "a", QUIET)
+
+    def stop_after_first(milestone):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(job, tmp_path / "b", QUIET, on_milestone=stop_after_first)
+    assert TrainDir(tmp_path / "b").checkpoint_epochs() == [2]
+    first_checkpoint = (TrainDir(tmp_path / "b").checkpoint(2) / "trainer.pt").read_bytes()
+    resumed = train(job, tmp_path / "b", QUIET, resume=True)
+
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert torch.equal(reference.generator.get_state(), resumed.generator.get_state())
+    strip = [
+        {k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+        for row in reference.history
+    ]
+    assert strip == [
+        {k: v for k, v in row.items() if k not in ("seconds", "images_per_second")} for row in resumed.history
+    ]
+    a, b = read_map_set(TrainDir(tmp_path / "a").maps(4)), read_map_set(TrainDir(tmp_path / "b").maps(4))
+    assert np.array_equal(a.m_disc, b.m_disc) and np.array_equal(a.m_recon, b.m_recon)
+    # the milestone that existed was not rewritten
+    assert (TrainDir(tmp_path / "b").checkpoint(2) / "trainer.pt").read_bytes() == first_checkpoint
+
+
+def test_lost_maps_are_recomputed_from_the_checkpoint(demo_dataset_root, tmp_path):
+    job = tiny_job(demo_dataset_root)
+    train(job, tmp_path / "run", QUIET)
+    run = TrainDir(tmp_path / "run")
+    before = read_map_set(run.maps(2)).m_disc.copy()
+    checkpoint = (run.checkpoint(4) / "trainer.pt").stat().st_mtime_ns
+    shutil.rmtree(run.maps(2))
+    trainer = train(job, tmp_path / "run", QUIET, resume=True)
+    assert trainer.history[-1]["epoch"] == 4
+    assert np.array_equal(read_map_set(run.maps(2)).m_disc, before)
+    assert (run.checkpoint(4) / "trainer.pt").stat().st_mtime_ns == checkpoint
+
+
+def test_an_existing_run_is_never_overwritten(demo_dataset_root, tmp_path):
+    job = tiny_job(demo_dataset_root)
+    train(job, tmp_path / "run", QUIET)
+    with pytest.raises(InputError, match="--resume"):
+        train(job, tmp_path / "run", QUIET)
+    changed = TrainJob(
+        dataset="demo", category="stripes", profile=tiny_profile(lr=0.5), data_root=demo_dataset_root
+    )
+    with pytest.raises(InputError, match="differs from this job in \\['profile'\\]"):
+        train(changed, tmp_path / "run", QUIET, resume=True)
+
+
+def test_synthetic_validation_holds_out_good_images(demo_dataset_root, tmp_path):
+    job = tiny_job(demo_dataset_root, validation="synthetic", val_fraction=0.1)
+    trainer = Trainer(job, tmp_path / "run", QUIET)
+    data = trainer._ensure_data()
+    total = len(data.category.train)
+    held = held_out(total, 0.1, job.profile.seed)
+    assert data.train_images.shape[0] == total - len(held)
+    val = data.eval_sets["val"]
+    assert len(val.image_ids) == 2 * len(held)
+    assert val.labels[: len(held)].sum() == 0 and val.labels[len(held) :].sum() > 0
+    assert not val.masks[: len(held)].any()
+    # the same held-out images, unchanged outside the synthetic defect
+    normal, defective = val.images[: len(held)], val.images[len(held) :]
+    outside = ~torch.from_numpy(val.masks[len(held) :])[:, None].expand_as(defective)
+    assert torch.equal(normal[outside], defective[outside])
+    again = Trainer(job, tmp_path / "other", QUIET)._ensure_data().eval_sets["val"]
+    assert torch.equal(again.images, val.images)
+
+
+def test_train_and_evaluate_commands(demo_dataset_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "demo", "--data-root", str(demo_dataset_root), "--category", "weave"]
+    args += ["--profile", "cpu", "--epochs", "2", "--milestones", "1,2", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["milestones"] == [1, 2] and job["profile"]["epochs"] == 2
+    assert main(["evaluate", str(out), "--epoch", "1", "--lam", "0.5", "--kernel", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["epoch"] == 1 and result["lam"] == 0.5 and result["kernel"] == 3
+    assert 0 <= result["image_auroc"] <= 1 and 0 <= result["aupro"] <= 1
+    assert main(["evaluate", str(out), "--epoch", "7"]) == 2
+    assert "--epoch 7" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "mvtec", "--category", "carpet"], "--data-root"),
+        (["--dataset", "demo", "--category", "nope"], "nope"),
+        (["--dataset", "demo", "--category", "disk", "--epochs", "0"], "--epochs"),
+        (["--dataset", "demo", "--category", "disk", "--milestones", "a,b"], "--milestones"),
+        (["--dataset", "demo", "--category", "disk", "--milestones", "99"], "milestones"),
+    ],
+)
+def test_bad_train_input(args, message, tmp_path, demo_dataset_root, capsys):
+    if "demo" in args:
+        args = [*args, "--data-root", str(demo_dataset_root)]
+    assert main(["train", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err

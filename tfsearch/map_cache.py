@@ -1,0 +1,224 @@
+"""The map cache: raw anomaly maps of one (category, milestone epoch, split), kept so that a selection search
+can score any (λ, n) without a GPU, a checkpoint or the dataset.
+
+On-disk format, version 1. One folder per map set, holding:
+
+    meta.json        {"version": 1, "dataset", "category", "epoch", "split", "image_size", "data_root",
+                      "mask_paths": [one per image, the ground-truth file or null for a normal image],
+                      "map_shape": [N, H, W], ...}  (writers may add keys, e.g. "profile")
+    m_disc.npy       float16 (N, H, W): M_disc, the mean predicted mask (method.md §7.3)
+    m_recon.npy      float16 (N, H, W): M_recon, the reconstruction error (method.md §7.4)
+    masks.npy        uint8 (N, H, ceil(W / 8)): the binarised ground truth at map resolution,
+                     `np.packbits(masks, axis=-1)`, so scoring needs no dataset
+    labels.npy       int8 (N,): 0 normal, 1 anomalous
+    image_ids.json   [N strings]: `Sample.image_id` of each image, in map order
+
+Maps are raw: no mean filter, no blend. The ground truth is the reference the maps were scored against; the
+mask paths in meta.json say where it came from. float16 keeps a cache of 200 maps of 256×256 at 52 MB (maps
+lie in [0, 1], where float16 has ~3 significant digits).
+
+A map set is written into a temporary folder beside its target and renamed into place. An existing map set
+is first renamed aside and deleted only after the new one is in place, so a reader finds the complete old
+set, the complete new one, or (after a crash between the two renames) none, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfsearch.errors import InputError
+
+MAP_CACHE_VERSION = 1
+META_FILE = "meta.json"
+IMAGE_IDS_FILE = "image_ids.json"
+ARRAY_FILES = ("m_disc.npy", "m_recon.npy", "masks.npy", "labels.npy")
+REQUIRED_META_KEYS = ("dataset", "category", "epoch", "split", "image_size", "data_root", "mask_paths")
+
+
+@dataclass
+class MapSet:
+    """Raw maps and ground truth of one evaluation set; arrays read back from disk are read-only memmaps."""
+
+    m_disc: np.ndarray  # float16 (N, H, W)
+    m_recon: np.ndarray  # float16 (N, H, W)
+    masks: np.ndarray  # bool (N, H, W)
+    labels: np.ndarray  # int8 (N,)
+    image_ids: list[str]
+    meta: dict[str, Any]
+
+
+def write_map_set(directory: Path, maps: MapSet) -> None:
+    """Write `maps` to `directory` atomically, replacing a map set already there."""
+    directory = Path(directory)
+    files = _encode(maps)
+    if directory.exists() and not (directory / META_FILE).is_file() and any(directory.iterdir()):
+        raise InputError(
+            f"refusing to replace {directory}: it exists and is not a map cache (no {META_FILE})"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        for name, content in files.items():
+            with open(staging / name, "wb") as handle:
+                if isinstance(content, np.ndarray):
+                    np.save(handle, content, allow_pickle=False)
+                else:
+                    handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        _replace_folder(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_map_set(directory: Path) -> MapSet:
+    """Load and check a map set; the maps are memory-mapped, the masks unpacked to bool."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"map cache {directory} does not exist or is not a folder")
+    meta = _read_meta(directory / META_FILE)
+    arrays = {name: _load_array(directory / name) for name in ARRAY_FILES}
+    image_ids = _read_image_ids(directory / IMAGE_IDS_FILE)
+    shape = tuple(meta["map_shape"])
+    n_images, _, width = shape
+    expected = {
+        "m_disc.npy": (shape, np.float16),
+        "m_recon.npy": (shape, np.float16),
+        "masks.npy": ((*shape[:2], (width + 7) // 8), np.uint8),
+        "labels.npy": ((n_images,), np.int8),
+    }
+    for name, (expected_shape, dtype) in expected.items():
+        array = arrays[name]
+        if array.shape != expected_shape or array.dtype != dtype:
+            raise InputError(
+                f"{directory / name} holds {array.dtype} {array.shape}: expected "
+                f"{np.dtype(dtype)} {expected_shape} (map_shape {list(shape)} in {META_FILE})"
+            )
+    for name, count in (("image ids", len(image_ids)), ("mask_paths", len(meta["mask_paths"]))):
+        if count != n_images:
+            where = directory / (IMAGE_IDS_FILE if name == "image ids" else META_FILE)
+            raise InputError(f"{where} lists {count} {name}: expected {n_images}, one per map")
+    masks = np.unpackbits(arrays["masks.npy"], axis=-1, count=width).view(bool)
+    return MapSet(arrays["m_disc.npy"], arrays["m_recon.npy"], masks, arrays["labels.npy"], image_ids, meta)
+
+
+def map_set_exists(directory: Path) -> bool:
+    """Whether `directory` holds a complete version-1 map set (files present; contents not checked)."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    files = (*ARRAY_FILES, IMAGE_IDS_FILE)
+    return (
+        isinstance(meta, dict)
+        and meta.get("version") == MAP_CACHE_VERSION
+        and all((directory / name).is_file() for name in files)
+    )
+
+
+def _encode(maps: MapSet) -> dict[str, np.ndarray | bytes]:
+    """The content of each file of `maps`, after checking that the parts fit together."""
+    m_disc = np.asarray(maps.m_disc).astype(np.float16)
+    m_recon = np.asarray(maps.m_recon).astype(np.float16)
+    masks, labels = np.asarray(maps.masks), np.asarray(maps.labels)
+    if m_disc.ndim != 3 or m_recon.shape != m_disc.shape or masks.shape != m_disc.shape:
+        raise InputError(
+            f"m_disc, m_recon and masks must share one (N, H, W) shape, got {m_disc.shape}, {m_recon.shape} "
+            f"and {masks.shape}"
+        )
+    if masks.dtype != bool:
+        raise InputError(f"masks must be bool, got {masks.dtype}")
+    n_images = m_disc.shape[0]
+    if labels.shape != (n_images,) or not np.isin(labels, (0, 1)).all():
+        raise InputError(f"labels must be {n_images} values of 0 or 1, got shape {labels.shape}")
+    if len(maps.image_ids) != n_images or len(set(maps.image_ids)) != n_images:
+        raise InputError(f"image_ids must be {n_images} distinct ids, got {len(maps.image_ids)}")
+    for name, array in (("m_disc", m_disc), ("m_recon", m_recon)):
+        if not np.isfinite(array).all():
+            raise InputError(
+                f"{name} has NaN or inf values (after conversion to float16): expected finite maps"
+            )
+    missing = [key for key in REQUIRED_META_KEYS if key not in maps.meta]
+    if missing:
+        raise InputError(f"map set meta lacks {', '.join(missing)}: expected the keys {REQUIRED_META_KEYS}")
+    if len(maps.meta["mask_paths"]) != n_images:
+        raise InputError(f"meta mask_paths lists {len(maps.meta['mask_paths'])} paths: expected {n_images}")
+    meta = {**maps.meta, "version": MAP_CACHE_VERSION, "map_shape": list(m_disc.shape)}
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"map set meta must be JSON-serialisable: {exc}") from exc
+    return {
+        "m_disc.npy": m_disc,
+        "m_recon.npy": m_recon,
+        "masks.npy": np.packbits(masks, axis=-1),
+        "labels.npy": labels.astype(np.int8),
+        IMAGE_IDS_FILE: (json.dumps(list(maps.image_ids)) + "\n").encode(),
+        META_FILE: meta_text.encode(),  # written last: a staging folder without it is never a map set
+    }
+
+
+def _replace_folder(staging: Path, directory: Path) -> None:
+    """Rename `staging` to `directory`; an existing `directory` is moved aside first and removed after."""
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+    os.replace(directory, retired / directory.name)
+    os.replace(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"map cache file {path} is missing") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read map cache metadata {path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    if meta.get("version") != MAP_CACHE_VERSION:
+        raise InputError(
+            f"{path} has version {meta.get('version')!r}: expected {MAP_CACHE_VERSION} (rewrite the cache)"
+        )
+    missing = [key for key in (*REQUIRED_META_KEYS, "map_shape") if key not in meta]
+    if missing:
+        raise InputError(f"{path} lacks the key(s) {', '.join(missing)}")
+    shape = meta["map_shape"]
+    if not (
+        isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v >= 0 for v in shape)
+    ):
+        raise InputError(f"{path}: map_shape {shape!r} must be [N, H, W]")
+    return meta
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(f"map cache file {path} is missing")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read map cache file {path}: {exc}") from exc
+
+
+def _read_image_ids(path: Path) -> list[str]:
+    try:
+        image_ids = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"map cache file {path} is missing") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if not (isinstance(image_ids, list) and all(isinstance(item, str) for item in image_ids)):
+        raise InputError(f"{path} must hold a JSON list of image id strings")
+    return image_ids
