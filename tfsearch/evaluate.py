@@ -12,10 +12,8 @@ from pathlib import Path
 
 from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import GroundTruth, MapFuser, evaluate
+from tfsearch.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate
 from tfsearch.train import Runtime, TrainDir, Trainer, add_runtime_arguments
-
-METRIC_NAMES = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
 
 
 def milestone_maps(run_dir: Path, epoch: int | None = None, runtime: Runtime | None = None) -> Path:

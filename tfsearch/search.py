@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -103,7 +103,10 @@ class RunPlan:
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
     max_failures: int = 2
-    extra: dict = field(default_factory=dict)
+    # Weights & Biases: offline | online | disabled; not part of the plan's identity
+    wandb: str = "offline"
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
 
     @property
     def validation(self) -> str:
@@ -158,7 +161,7 @@ class RunPlan:
         }
 
     def trial_settings(self) -> dict:
-        """What a training trial needs to know besides its category (sent to Ray workers)."""
+        """What every training trial needs besides its own config (category, training hyperparameters)."""
         return {
             "plan": self.describe(),
             "storage": str(self.storage),
@@ -202,7 +205,7 @@ def read_milestone_log(train_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def train_category(config: dict) -> None:
+def train_category(config: dict, settings: dict) -> None:
     """Ray Tune trainable: train one category (one training configuration) to its last milestone.
 
     At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
@@ -212,11 +215,11 @@ def train_category(config: dict) -> None:
     import torch
     from ray import tune
 
+    from tfsearch import telemetry
     from tfsearch.map_cache import read_map_set
     from tfsearch.metrics import GroundTruth, evaluate, fuse
     from tfsearch.train import CHECKPOINT_FILE, Runtime, Trainer
 
-    settings = config["settings"]
     category = config["category"]
     train_params = {k: config[k] for k in TRAINABLE if k in config}
     model = model_id(train_params)
@@ -256,6 +259,7 @@ def train_category(config: dict) -> None:
         log = [r for r in read_milestone_log(train_dir) if r["epoch"] != milestone.epoch] + [row]
         atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))
         value = metrics[settings["metric"]]
+        telemetry.record_milestone(category, milestone.images_per_second)
         tune.report(
             {
                 "epoch": milestone.epoch,
@@ -280,6 +284,8 @@ class ProgressView:
     def callback(self):
         from ray import tune
 
+        from tfsearch import telemetry
+
         view = self
 
         class Callback(tune.Callback):
@@ -290,11 +296,13 @@ class ProgressView:
                 category = trial.config["category"]
                 value = result.get("selection_value", float("nan"))
                 view.best[category] = max(view.best.get(category, -math.inf), value)
+                telemetry.record_best(category, view.best[category])
                 view.show(f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 view.running.discard(trial.trial_id)
                 view.done.add(trial.trial_id)
+                telemetry.record_trial_finished(trial.config["category"])
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 view.running.discard(trial.trial_id)
@@ -319,41 +327,95 @@ def trial_name(trial) -> str:
 
 
 def run_training(plan: RunPlan, quiet: bool, trainable=train_category) -> None:
-    """Stage 1: one Tune trial per (category, training configuration), restored if the run was interrupted."""
+    """Stage 1: one Tune trial per (category, training configuration), restored if the run was interrupted.
+
+    Without training hyperparameters one experiment holds a trial per category. With them, each category
+    gets its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops
+    poor ones at milestones (epochs are the resource), so categories never compete with each other.
+    """
     from ray import tune
+
+    from tfsearch.tracking import tune_callbacks
 
     settings = plan.trial_settings()
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
-    runnable = tune.with_resources(trainable, resources)
-    tune_dir = plan.run_dir / "tune"
+    runnable = tune.with_resources(tune.with_parameters(trainable, settings=settings), resources)
     view = ProgressView(plan, quiet)
-    run_config = tune.RunConfig(
-        name="train",
-        storage_path=str(tune_dir.resolve()),
-        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        callbacks=[view.callback()],
-        verbose=0,
-    )
-    experiment = tune_dir / "train"
-    if tune.Tuner.can_restore(str(experiment.resolve())):
-        tuner = tune.Tuner.restore(
-            str(experiment.resolve()), runnable, resume_unfinished=True, resume_errored=True
-        )
+    callbacks = [
+        view.callback(),
+        *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
+    ]
+    if plan.space.training is None:
+        experiments = {"train": lambda: {"param_space": {"category": tune.grid_search(plan.categories)}}}
     else:
-        configs = [{"category": c, "settings": settings} for c in plan.categories]
-        tuner = tune.Tuner(
-            runnable,
-            param_space={"category": tune.grid_search(plan.categories), "settings": settings}
-            if configs
-            else {},
-            tune_config=tune.TuneConfig(trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-            run_config=run_config,
-        )
-    results = tuner.fit()
-    for result in results:
-        if result.error is not None and not quiet:
-            print(f"[train] a training trial failed for good: {result.error}", file=sys.stderr)
+        experiments = {f"train-{c}": (lambda c=c: training_search(plan, c)) for c in plan.categories}
+    for name, make in experiments.items():
+        path = str((plan.run_dir / "tune" / name).resolve())
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, runnable, resume_unfinished=True, resume_errored=True)
+        else:
+            experiment = make()
+            tune_config = tune.TuneConfig(
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name, **experiment.get("tune", {})
+            )
+            run_config = tune.RunConfig(
+                name=name,
+                storage_path=str((plan.run_dir / "tune").resolve()),
+                failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=callbacks,
+                verbose=0,
+            )
+            tuner = tune.Tuner(
+                runnable,
+                param_space=experiment["param_space"],
+                tune_config=tune_config,
+                run_config=run_config,
+            )
+        for result in tuner.fit():
+            if result.error is not None and not quiet:
+                print(f"[train] a training trial failed for good: {result.error}", file=sys.stderr)
+
+
+def tune_domain(param):
+    """A space parameter as a Ray Tune domain (which OptunaSearch turns into an Optuna distribution)."""
+    from ray import tune
+
+    from tfsearch.spaces import Choices, FloatRange, Grid
+
+    if isinstance(param, FloatRange):
+        return tune.loguniform(param.low, param.high) if param.log else tune.uniform(param.low, param.high)
+    if isinstance(param, Choices | Grid):
+        return tune.choice(list(param.values))
+    return param
+
+
+def training_search(plan: RunPlan, category: str) -> dict:
+    """Tuner arguments of one category's training-hyperparameter search (Optuna proposes, ASHA stops)."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = plan.space.training
+    searcher = OptunaSearch(
+        metric="selection_value",
+        mode="max",
+        study_name=f"{study_name(plan, category)}/training",
+        storage=open_storage(storage_url(plan)),
+        seed=plan.space.seed,
+    )
+    grace = plan.milestones[min(search.grace_period, len(plan.milestones)) - 1]
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        metric="selection_value",
+        mode="max",
+        max_t=plan.milestones[-1],
+        grace_period=grace,
+        reduction_factor=search.reduction_factor,
+    )
+    return {
+        "param_space": {"category": category, **{k: tune_domain(v) for k, v in search.params.items()}},
+        "tune": {"search_alg": searcher, "scheduler": scheduler, "num_samples": search.samples},
+    }
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -386,7 +448,6 @@ def select(plan: RunPlan, quiet: bool) -> None:
     """Stage 2: the studies, as Ray tasks (one per category, or one for the dataset with scope global)."""
     import ray
 
-
     url = storage_url(plan)
     open_storage(url)  # creates the schema once, before tasks open it concurrently
     groups = [[c] for c in plan.categories] if plan.space.scope != "global" else [plan.categories]
@@ -402,37 +463,49 @@ def select(plan: RunPlan, quiet: bool) -> None:
 
 
 def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
-    """Candidates of a group of categories on `split` (default: the selection split)."""
+    """Candidates of a group of categories on `split` (default: the selection split), or None when some
+    category has no finished milestone yet."""
     from tfsearch.selection import CandidateSet, Config, StudyPlan
 
     split = split or plan.selection_split
-    models_by_category = {c: trained_models(plan, c) for c in categories}
-    if not all(models_by_category.values()):
-        return None
-    models = sorted(set.intersection(*(set(m) for m in models_by_category.values())))
-    if not models:
-        return None
-    epochs_per_model = {
-        m: set.intersection(*(set(mc[m]) for mc in models_by_category.values())) for m in models
-    }
     allowed = set(plan.space.epoch_choices(plan.milestones))
-    epochs = sorted(set.union(*epochs_per_model.values()) & allowed)
+    reached = []
+    for category in categories:
+        models = trained_models(plan, category)
+        reached.append({(m, e) for m, epochs in models.items() for e in epochs if e in allowed})
+    checkpoints = sorted(set.intersection(*reached)) if reached else []
+    if not checkpoints:
+        return None
     candidates = {
-        c: CandidateSet(
-            {
-                (m, e): TrainDir(plan.train_dir(c, m)).maps(e, split)
-                for m in models
-                for e in epochs_per_model[m]
-                if e in allowed
-            }
-        )
+        c: CandidateSet({(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints})
         for c in categories
     }
-    default_model = "default" if "default" in models else models[0]
-    last = max(epochs_per_model[default_model])
-    default = Config(default_model, last, plan.profile.lam, plan.profile.kernel)
+    model = default_model(plan, categories, {m for m, _ in checkpoints})
+    last = max(e for m, e in checkpoints if m == model)
+    default = Config(model, last, plan.profile.lam, plan.profile.kernel)
     name = study_name(plan, categories[0] if plan.space.scope != "global" else None)
-    return StudyPlan(name, plan.space, candidates, models, epochs, default)
+    return StudyPlan(name, plan.space, candidates, checkpoints, default)
+
+
+def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str:
+    """The profile's own training configuration; when training hyperparameters were searched, the model that
+    scored best at its last milestone with the default (λ, n), as Ray Tune reported it."""
+    if "default" in models or len(models) == 1:
+        return "default" if "default" in models else next(iter(models))
+
+    def score(model: str) -> tuple[int, float]:
+        values = []
+        for category in categories:
+            log = read_milestone_log(plan.train_dir(category, model))
+            if log:
+                value = log[-1][plan.space.metric]
+                values.append(0.0 if value is None or math.isnan(value) else value)
+        last_epoch = min(
+            (read_milestone_log(plan.train_dir(c, model)) or [{"epoch": 0}])[-1]["epoch"] for c in categories
+        )
+        return last_epoch, float(np.mean(values)) if values else 0.0
+
+    return max(sorted(models), key=score)
 
 
 def run_study_task(url: str, study_plan) -> None:
@@ -645,6 +718,9 @@ def make_plan(args) -> RunPlan:
         gpus_per_trial=args.gpus_per_trial if args.gpus_per_trial is not None else 0.0,
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+        wandb_entity=args.wandb_entity,
     )
 
 
@@ -687,6 +763,11 @@ def execute(
     select(plan, quiet)
     write_trials(plan)
     selected = write_selected(plan, quiet)
+    from tfsearch.report import write_report
+
+    write_report(
+        [plan.run_dir], wandb=plan.wandb, project=plan.wandb_project, entity=plan.wandb_entity, quiet=quiet
+    )
     if not quiet:
         print(
             f"[done] training {trained - started:.1f} s, selection and tables"
@@ -730,6 +811,14 @@ def register(subparsers) -> None:
     parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default="offline",
+        help="Weights & Biases logging of trials and the report (default: offline)",
+    )
+    parser.add_argument("--wandb-project", help="W&B project (with --wandb online)")
+    parser.add_argument("--wandb-entity", help="W&B entity (with --wandb online)")
     parser.set_defaults(func=run_search)
 
 

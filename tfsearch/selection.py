@@ -79,31 +79,29 @@ def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
     return means
 
 
-def make_sampler(space: Space, models: list[str], epochs: list[int]) -> optuna.samplers.BaseSampler:
+def make_sampler(space: Space, checkpoints: list[tuple[str, int]]) -> optuna.samplers.BaseSampler:
     if space.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=space.seed)
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=space.seed)
     grid = {name: list(p.values) for name, p in space.params.items() if isinstance(p, Grid | Choices)}
     grid.pop("epoch", None)
-    if len(models) * len(epochs) > 1:
-        grid["checkpoint"] = checkpoint_names(models, epochs)
+    if len(checkpoints) > 1:
+        grid["checkpoint"] = checkpoint_names(checkpoints)
     return optuna.samplers.GridSampler(grid, seed=space.seed)
 
 
-def checkpoint_names(models: list[str], epochs: list[int]) -> list[str]:
-    return [f"{model}@{epoch}" for model in models for epoch in epochs]
+def checkpoint_names(checkpoints: list[tuple[str, int]]) -> list[str]:
+    return [f"{model}@{epoch}" for model, epoch in checkpoints]
 
 
-def suggest(
-    trial: optuna.Trial, space: Space, models: list[str], epochs: list[int], default: Config
-) -> Config:
-    """Draw one candidate. With several trained models the model and epoch are one categorical choice."""
-    if len(models) * len(epochs) > 1:
-        model, epoch = trial.suggest_categorical("checkpoint", checkpoint_names(models, epochs)).split("@")
+def suggest(trial: optuna.Trial, space: Space, checkpoints: list[tuple[str, int]], default: Config) -> Config:
+    """Draw one candidate; the trained model and its milestone are one categorical choice."""
+    if len(checkpoints) > 1:
+        model, epoch = trial.suggest_categorical("checkpoint", checkpoint_names(checkpoints)).rsplit("@", 1)
         epoch = int(epoch)
     else:
-        model, epoch = models[0], epochs[0]
+        model, epoch = checkpoints[0]
 
     def value(name: str, fallback: float | int):
         param = space.params.get(name, fallback)
@@ -151,8 +149,7 @@ class StudyPlan:
     name: str
     space: Space
     candidates: dict[str, CandidateSet]  # category -> its candidates on the selection split
-    models: list[str]
-    epochs: list[int]
+    checkpoints: list[tuple[str, int]]  # (model, milestone epoch) pairs every category has maps of
     default: Config
 
 
@@ -160,17 +157,17 @@ def run_study(storage: optuna.storages.BaseStorage, plan: StudyPlan) -> optuna.S
     """Run the remaining trials of a study. The objective is the selection metric, averaged over the
     categories of the study (one for per-class studies); every metric of every category is kept."""
     space = plan.space
-    sampler = make_sampler(space, plan.models, plan.epochs)
+    sampler = make_sampler(space, plan.checkpoints)
     study = open_study(storage, plan.name, sampler)
     if not study.trials and space.sampler != "grid":
         params = default_in_space(space, plan.default)
         if params is not None:
-            if len(plan.models) * len(plan.epochs) > 1:
+            if len(plan.checkpoints) > 1:
                 params["checkpoint"] = f"{plan.default.model}@{plan.default.epoch}"
             study.enqueue_trial(params, skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
-        config = suggest(trial, space, plan.models, plan.epochs, plan.default)
+        config = suggest(trial, space, plan.checkpoints, plan.default)
         per_category = {name: candidates.evaluate(config) for name, candidates in plan.candidates.items()}
         for key, value in config.as_params().items():
             trial.set_user_attr(key, value)

@@ -1,0 +1,256 @@
+"""`tfsearch run`: spaces, training paid once, selection on cached maps, resume, retries, protocols."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tfsearch.cli import main
+from tfsearch.errors import InputError
+from tfsearch.search import RunPlan, execute, make_plan, run_training, select, start_run, train_category
+from tfsearch.spaces import builtin_spaces, load_space
+from tfsearch.train import TrainDir
+
+TINY = {
+    "name": "tiny",
+    "description": "a tiny per-class space for tests",
+    "scope": "per_class",
+    "profile": "cpu",
+    "profile_overrides": {
+        "epochs": 2,
+        "image_size": 32,
+        "base_channels": 8,
+        "norm_groups": 4,
+        "head_norm_groups": 4,
+        "time_dim": 32,
+        "batch_size": 16,
+        "milestone_every": 1,
+    },
+    "selection": {"metric": "image_auroc", "sampler": "tpe", "trials": 6, "seed": 0},
+    "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
+}
+
+
+def write_space(folder: Path, **changes) -> Path:
+    payload = {**TINY, **changes}
+    path = folder / f"{payload['name']}.yaml"
+    path.write_text(yaml.safe_dump(payload, allow_unicode=True))
+    return path
+
+
+def run_args(space: Path, root: Path, data_root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "run", "--space", str(space), "--dataset", "demo", "--data-root", str(data_root),
+        "--runs-root", str(root), "--name", name, "--quiet", "--wandb", "disabled", *extra,
+    ]  # fmt: skip
+
+
+def plan_for(tmp_path, demo_dataset_root, name="r", categories="stripes", *extra) -> RunPlan:
+    from tfsearch.cli import build_parser
+
+    space = write_space(tmp_path)
+    args = build_parser().parse_args(
+        run_args(space, tmp_path / "runs", demo_dataset_root, name, "--categories", categories, *extra)
+    )
+    return make_plan(args)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------------------------ spaces
+def test_builtin_spaces_parse_and_are_listed(capsys):
+    names = set(builtin_spaces())
+    assert {"single", "per_class", "global", "lambda_sweep", "kernel_sweep", "train_asha"} <= names
+    for name in names:
+        assert load_space(name).description
+    assert main(["spaces"]) == 0
+    listing = capsys.readouterr().out
+    assert all(line.split()[0] in names for line in listing.strip().splitlines())
+    assert load_space("single").scope == "single"
+    assert load_space("lambda_sweep").trials == 13  # the grid size
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"params": {"lam": {"low": 0.5, "high": 1.5}}}, "params.lam: expected values in [0, 1], got 1.5"),
+        ({"params": {"lam": -0.1}}, "params.lam"),
+        ({"params": {"kernel": {"choices": [3, 4]}}}, "params.kernel: expected odd positive integers, got 4"),
+        ({"params": {"kernel": 0}}, "params.kernel"),
+        ({"params": {"gamma": 1}}, "unknown parameter(s) ['gamma']"),
+        ({"scope": "everything"}, "scope: expected one of"),
+        ({"selection": {"sampler": "cma"}}, "selection.sampler"),
+        ({"selection": {"metric": "accuracy"}}, "selection.metric"),
+        ({"selection": {"trials": -1}}, "selection.trials"),
+        ({"milestones": {"every": 0}}, "milestones.every"),
+        ({"colour": "red"}, "unknown key(s) ['colour']"),
+        ({"profile": "huge"}, "profile: expected one of"),
+        ({"profile_overrides": {"wings": 2}}, "profile_overrides: unknown profile field(s) ['wings']"),
+        ({"training": {"params": {"momentum": {"low": 0.1, "high": 0.9}}}}, "training.params: unknown"),
+    ],
+)
+def test_space_errors_name_the_file_and_key(tmp_path, changes, message):
+    path = write_space(tmp_path, **changes)
+    with pytest.raises(InputError) as error:
+        load_space(str(path))
+    assert str(path) in str(error.value)
+    assert message in str(error.value)
+
+
+def test_malformed_yaml_and_unknown_space(tmp_path, capsys, demo_dataset_root):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("scope: [per_class\n")
+    with pytest.raises(InputError, match="broken.yaml: not valid YAML"):
+        load_space(str(broken))
+    assert main(run_args(Path("no_such_space"), tmp_path, demo_dataset_root, "x")) == 2
+    assert "--space no_such_space: no such built-in space or file" in capsys.readouterr().err
+
+
+def test_milestone_beyond_the_profile_is_an_error(tmp_path, demo_dataset_root, capsys):
+    space = write_space(tmp_path, milestones=[1, 5])
+    assert main(run_args(space, tmp_path / "runs", demo_dataset_root, "x")) == 2
+    assert "milestones: epoch 5 lies beyond the profile's 2 epochs" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_unreachable_address_fails_fast(tmp_path, demo_dataset_root, capsys):
+    started = time.perf_counter()
+    code = main(run_args(write_space(tmp_path), tmp_path, demo_dataset_root, "x", "--address", "127.0.0.1:9"))
+    assert code == 2 and time.perf_counter() - started < 10
+    assert "--address 127.0.0.1:9: no Ray cluster reachable" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- runs
+def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
+    plan = plan_for(tmp_path, demo_dataset_root, "pc", "disk,stripes")
+    selected = execute(plan, quiet=True)
+    run_dir = plan.run_dir
+    assert [r["category"] for r in selected] == ["disk", "stripes"]
+    for row in selected:
+        assert row["selected_selection_value"] >= row["default_selection_value"]
+        assert row["default_epoch"] == 2 and row["default_lam"] == 0.95 and row["default_kernel"] == 3
+        # with the oracle protocol the selection value is the test metric itself
+        assert row["selected_selection_value"] == row["selected_test_image_auroc"]
+
+    rows = read_rows(run_dir / "trials.csv")
+    train_rows = [r for r in rows if r["stage"] == "train"]
+    assert sorted((r["category"], r["epoch"]) for r in train_rows) == [
+        ("disk", "1"), ("disk", "2"), ("stripes", "1"), ("stripes", "2")
+    ]  # fmt: skip
+    assert all(r["node_id"] and r["protocol"] == "test" for r in train_rows)
+    select_rows = [r for r in rows if r["stage"] == "select"]
+    assert len(select_rows) == 2 * 6
+    # training ran to the last milestone exactly once per category, whatever the trial budget
+    for category in ("disk", "stripes"):
+        history = read_rows(plan.train_dir(category, "default") / "history.csv")
+        assert [int(r["epoch"]) for r in history] == [1, 2]
+
+    storage = f"sqlite:///{run_dir / 'studies.db'}"
+    study = optuna.load_study(study_name="tiny/demo/disk", storage=storage)
+    assert len(study.trials) == 6
+    assert study.trials[0].params == {"checkpoint": "default@2", "lam": 0.95, "kernel": 3}
+
+    # a second run under the same name refuses rather than overwrite
+    with pytest.raises(InputError, match="already exists; pass --resume"):
+        execute(plan, quiet=True)
+
+
+def test_a_failing_trial_is_retried_from_its_checkpoint(tmp_path, demo_dataset_root, ray_instance):
+    marker = tmp_path / "failed-once"
+
+    def flaky(config, settings):
+        from ray import tune
+
+        original = tune.report
+
+        def report_then_fail(metrics, checkpoint=None):
+            original(metrics, checkpoint=checkpoint)
+            if not marker.exists():
+                marker.write_text("x")
+                raise RuntimeError("injected failure after the first milestone")
+
+        tune.report = report_then_fail
+        try:
+            train_category(config, settings)
+        finally:
+            tune.report = original
+
+    plan = plan_for(tmp_path, demo_dataset_root, "flaky")
+    execute(plan, quiet=True, trainable=flaky)
+    assert marker.exists()
+    train_rows = [r for r in read_rows(plan.run_dir / "trials.csv") if r["stage"] == "train"]
+    assert [r["epoch"] for r in train_rows] == ["1", "2"]
+    history = read_rows(plan.train_dir("stripes", "default") / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+
+
+def test_select_on_val_never_reads_test_labels(tmp_path, demo_dataset_root, ray_instance):
+    plan = plan_for(tmp_path, demo_dataset_root, "val", "stripes", "--select-on", "val")
+    start_run(plan, resume=False)
+    run_training(plan, quiet=True)
+    train_dir = TrainDir(plan.train_dir("stripes", "default"))
+    assert train_dir.map_epochs("val") == [1, 2]
+    # hide every test map (and with it the test labels) while the selection runs
+    hidden = tmp_path / "hidden"
+    shutil.move(train_dir.root / "maps" / "test", hidden)
+    select(plan, quiet=True)
+    shutil.move(hidden, train_dir.root / "maps" / "test")
+
+    from tfsearch.search import write_selected, write_trials
+
+    write_trials(plan)
+    (row,) = write_selected(plan, quiet=True)
+    assert row["protocol"] == "val"
+    assert row["selected_selection_value"] >= row["default_selection_value"]
+    assert 0 <= row["selected_test_image_auroc"] <= 1
+    rows = read_rows(plan.run_dir / "trials.csv")
+    assert {r["split"] for r in rows} == {"val"} and {r["protocol"] for r in rows} == {"val"}
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    volatile = {"node_id", "started_at", "finished_at", "images_per_second"}
+    return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
+
+
+def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_dataset_root, ray_instance):
+    import ray
+
+    space = write_space(tmp_path, profile_overrides={**TINY["profile_overrides"], "epochs": 3})
+    address = ray.get_runtime_context().gcs_address
+    root = tmp_path / "runs"
+    args = [
+        *run_args(space, root, demo_dataset_root, "killed", "--categories", "stripes"),
+        "--address",
+        address,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "tfsearch.cli", *args], env=env)
+    first = root / "killed" / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001" / "trainer.pt"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "the driver never reached its first milestone"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not (root / "killed" / "selected.csv").exists()
+    stamp = first.stat().st_mtime_ns
+
+    assert main([*args, "--resume"]) == 0
+    assert first.stat().st_mtime_ns == stamp  # the milestone that existed was not retrained
+    uninterrupted = [*run_args(space, root, demo_dataset_root, "whole", "--categories", "stripes")]
+    assert main(uninterrupted) == 0
+    killed_rows = comparable(read_rows(root / "killed" / "trials.csv"))
+    whole_rows = comparable(read_rows(root / "whole" / "trials.csv"))
+    assert killed_rows == whole_rows
+    assert len([r for r in killed_rows if r["stage"] == "train"]) == 3
