@@ -254,3 +254,31 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_
     whole_rows = comparable(read_rows(root / "whole" / "trials.csv"))
     assert killed_rows == whole_rows
     assert len([r for r in killed_rows if r["stage"] == "train"]) == 3
+
+
+def test_training_hyperparameters_are_searched_with_asha(tmp_path, demo_dataset_root, ray_instance):
+    training = {
+        "samples": 3,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "params": {"lr": {"low": 3.0e-4, "high": 3.0e-3, "log": True}, "base_channels": {"choices": [4, 8]}},
+    }
+    write_space(tmp_path, training=training)
+    from tfsearch.cli import build_parser
+
+    args = build_parser().parse_args(
+        run_args(
+            tmp_path / "tiny.yaml", tmp_path / "runs", demo_dataset_root, "asha", "--categories", "stripes"
+        )
+    )
+    plan = make_plan(args)
+    (row,) = execute(plan, quiet=True)
+    models = sorted(p.name for p in (plan.storage / "train" / "stripes").iterdir())
+    assert len(models) == 3 and all(m.startswith("base_channels=") and "-lr=" in m for m in models)
+    # ASHA lets at least one trial reach the last milestone; selection picks among the trained models
+    finished = [m for m in models if TrainDir(plan.train_dir("stripes", m)).map_epochs() == [1, 2]]
+    assert finished and row["default_model"] in finished and row["selected_model"] in models
+    assert row["selected_selection_value"] >= row["default_selection_value"]
+    study = optuna.load_study(
+        study_name="tiny/demo/stripes/training", storage=f"sqlite:///{plan.run_dir}/studies.db"
+    )
+    assert len(study.trials) == 3

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "tfsearch.evaluate",
     "tfsearch.score",
     "tfsearch.demo",
+    "tfsearch.report",
 )
 
 

@@ -238,14 +238,15 @@ def train_category(config: dict, settings: dict) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     started = now()
 
-    def report(milestone) -> None:
-        maps = read_map_set(TrainDir(train_dir).maps(milestone.epoch, settings["split"]))
+    def log_milestone(epoch: int, images_per_second: float, loss: float) -> dict[str, float]:
+        """Score the default (λ, n) on the selection split and record the milestone (keyed by epoch)."""
+        maps = read_map_set(TrainDir(train_dir).maps(epoch, settings["split"]))
         fused = fuse(maps.m_disc, maps.m_recon, settings["lam"], settings["kernel"])
         metrics = evaluate(GroundTruth.from_masks(np.asarray(maps.masks)), fused)
         row = {
             "category": category,
             "model": model,
-            "epoch": milestone.epoch,
+            "epoch": epoch,
             "lam": settings["lam"],
             "kernel": settings["kernel"],
             "split": settings["split"],
@@ -253,11 +254,21 @@ def train_category(config: dict, settings: dict) -> None:
             "node_id": node_id,
             "started_at": started,
             "finished_at": now(),
-            "images_per_second": milestone.images_per_second,
-            "loss": milestone.loss,
+            "images_per_second": images_per_second,
+            "loss": loss,
         }
-        log = [r for r in read_milestone_log(train_dir) if r["epoch"] != milestone.epoch] + [row]
+        log = [r for r in read_milestone_log(train_dir) if r["epoch"] != epoch] + [row]
         atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))
+        return metrics
+
+    # milestones that a killed attempt checkpointed but did not get to log
+    logged = {r["epoch"] for r in read_milestone_log(train_dir)}
+    for row in trainer.history:
+        if row["epoch"] in trainer.milestones and row["epoch"] not in logged:
+            log_milestone(row["epoch"], row["images_per_second"], row["loss_total"])
+
+    def report(milestone) -> None:
+        metrics = log_milestone(milestone.epoch, milestone.images_per_second, milestone.loss)
         value = metrics[settings["metric"]]
         telemetry.record_milestone(category, milestone.images_per_second)
         tune.report(
@@ -733,7 +744,8 @@ def start_run(plan: RunPlan, resume: bool) -> None:
                 f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
             )
         stored = json.loads(config.read_text())
-        changed = sorted(k for k, v in plan.describe().items() if stored.get(k) != v)
+        current = json.loads(json.dumps(plan.describe()))  # tuples become lists, as stored
+        changed = sorted(k for k, v in current.items() if stored.get(k) != v)
         if changed:
             raise InputError(f"--resume: this command differs from {config} in {changed}")
     elif resume:
