@@ -31,7 +31,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     profile = get_profile(args.profile, batch_size=args.batch)
     job = TrainJob(dataset="demo", category=args.category or DEMO_CATEGORIES[0], profile=profile)
-    runtime = Runtime(device=args.device, precision=args.precision, progress=False)
+    runtime = Runtime(
+        device=args.device, precision=args.precision, progress=False, channels_last=args.channels_last
+    )
     trainer = Trainer(job, Path(args.scratch), runtime)
     data = trainer._ensure_data()
     device = trainer.device
@@ -74,6 +76,7 @@ def measure(args: argparse.Namespace) -> dict:
         "profile": args.profile,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": args.precision,
+        "channels_last": args.channels_last,
         "batch": args.batch,
         "image_size": profile.image_size,
         "train_images_per_second": args.steps * args.batch / train_seconds,
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--infer-batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--category", default=None)
     parser.add_argument("--scratch", default="/tmp/tfsearch-bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -78,7 +78,7 @@ def register(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
-    runtime = Runtime(args.device, args.precision, args.loader_workers, progress=False)
+    runtime = Runtime(args.device, args.precision, args.loader_workers, False, args.channels_last)
     result = evaluate_run(args.run_dir, args.epoch, args.lam, args.kernel, runtime)
     if args.json:
         print(

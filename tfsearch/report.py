@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,9 @@ from tfsearch.atomic import atomic_write, atomic_write_text
 from tfsearch.errors import InputError
 from tfsearch.search import CONFIG_FIELDS, MILESTONE_LOG
 from tfsearch.tracking import DEFAULT_PROJECT, WANDB_MODES, check_mode, sync_command, write_sync_note
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PUBLISHED_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
 REPORT_METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap")
@@ -60,10 +64,6 @@ PER_CLASS_TUNED = "per_class_epochs"
 MEAN = "mean"
 # λ of the per-class candidates is continuous: the figure averages them in bins of this width
 LAMBDA_BIN = 0.05
-AXES = {
-    "lam": ("λ (weight of M_disc)", "lambda_sensitivity"),
-    "kernel": ("n (mean-filter size)", "kernel_sensitivity"),
-}
 TRIAL_NEEDS = ("category", "stage", "model", "epoch", "lam", "kernel", "split", "image_auroc")
 SELECTED_NEEDS = (
     "dataset",
@@ -73,6 +73,17 @@ SELECTED_NEEDS = (
 )
 TEXT_COLUMNS = dict.fromkeys(
     ("dataset", "category", "stage", "space", "protocol", "split", "model", "status"), str
+)
+COMPARISON_COLUMNS = (
+    "table",
+    "dataset",
+    "protocol",
+    "category",
+    "metric",
+    "ours",
+    "published",
+    "delta",
+    "source",
 )
 CONFIG_NEEDS = {"dataset": str, "categories": list, "space": dict, "profile": dict}
 
@@ -283,6 +294,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
     # (ours, published) column pairs: in each row the better of the two is set in bold
     compare: list[tuple[str, str]] = field(default_factory=list)
+    paper: bool = True  # also written as LaTeX
 
     def bold(self, row: dict) -> set[str]:
         keys = set()
@@ -565,10 +577,32 @@ def training_table(runs: list[RunResults]) -> Table | None:
         notes=[
             "Metrics on the selection split at the profile's default λ and n, as the trials reported them."
         ],
+        paper=False,
     )
 
 
 # ----------------------------------------------------------------------------------------------- figures
+@dataclass(frozen=True)
+class Axis:
+    """A sensitivity figure's x axis: a column of trials.csv and the sweep space that varies it."""
+
+    column: str
+    symbol: str
+    meaning: str
+    figure: str
+    sweep_space: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.symbol} ({self.meaning})"
+
+
+AXES = {
+    "lam": Axis("lam", "λ", "weight of M_disc", "lambda_sensitivity", "lambda_sweep"),
+    "kernel": Axis("kernel", "n", "mean-filter size", "kernel_sensitivity", "kernel_sweep"),
+}
+
+
 @dataclass
 class Curve:
     dataset: str
@@ -640,12 +674,16 @@ def sensitivity_curves(runs: list[RunResults], axis: str) -> list[Curve]:
     return curves
 
 
-def sensitivity_figure(curves: list[Curve], axis: str):
-    """Mean image AUROC against λ or n, one line per dataset, each line's maximum marked with a dot."""
+def sensitivity_figure(curves: list[Curve], axis: str) -> Figure:
+    """Mean image AUROC against λ or n, one line per dataset, each line's maximum marked with a dot.
+
+    A bare `Figure` on an Agg canvas (no pyplot): no global state and no display, whatever MPLBACKEND says."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    label = AXES[axis][0]
+    label = AXES[axis].label
     figure = Figure(figsize=(7.0, 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for curve in curves:
         (line,) = ax.plot(curve.x, curve.y, marker=".", markersize=4, linewidth=1.6, label=curve.label)
@@ -666,7 +704,7 @@ def sensitivity_figure(curves: list[Curve], axis: str):
         ax.set_xticks(sorted({x for c in curves for x in c.x}))
     ax.set_xlabel(label + ("  (dotted: the profile's default)" if curves else ""))
     ax.set_ylabel("mean image AUROC (%)")
-    ax.set_title(f"Sensitivity to {label.split(' ')[0]} (dot: each line's maximum)", fontsize=11)
+    ax.set_title(f"Sensitivity to {AXES[axis].symbol} (dot: each line's maximum)", fontsize=11)
     ax.grid(alpha=0.3)
     ax.margins(x=0.04, y=0.15)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
@@ -810,6 +848,8 @@ def table_latex(table: Table) -> str:
         cells = []
         for column in columns:
             text = latex_escape(cell_text(column, row.get(column.key)))
+            if column.kind == "delta" and text:
+                text = f"${text}$"  # a real minus sign
             cells.append(f"\\textbf{{{text}}}" if column.key in bold and text else text)
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
@@ -848,14 +888,14 @@ def build_report(runs: list[RunResults], published: PublishedNumbers | None = No
     training = training_table(runs)
     if training:
         tables.append(training)
-    figures = {AXES[axis][1]: sensitivity_curves(runs, axis) for axis in AXES}
+    figures = {axis.figure: sensitivity_curves(runs, axis.column) for axis in AXES.values()}
     missing = [note for run in runs for note in run.missing]
-    for label, name in AXES.values():
-        if not figures[name]:
-            missing.append(
-                f"No {label.split(' ')[0]} sensitivity figure: no {name.split('_')[0]}_sweep run and no"
-                " per-class candidates at the final epoch that vary it for every category."
-            )
+    missing += [
+        f"No {axis.symbol} sensitivity figure: no {axis.sweep_space} run and no per-class candidates at the"
+        " final epoch that vary it for every category."
+        for axis in AXES.values()
+        if not figures[axis.figure]
+    ]
     return Report(runs, tables, comparison, {n: c for n, c in figures.items() if c}, missing)
 
 
@@ -872,15 +912,15 @@ def _run_summary(run: RunResults) -> str:
 
 def _figure_captions(report: Report) -> dict[str, str]:
     return {
-        name: f"Mean image AUROC against {AXES[axis][0]}. Sources: "
-        + "; ".join(c.label for c in report.figures[name])
+        axis.figure: f"Mean image AUROC against {axis.label}. Sources: "
+        + "; ".join(c.label for c in report.figures[axis.figure])
         + "."
-        for axis, (_, name) in AXES.items()
-        if name in report.figures
+        for axis in AXES.values()
+        if axis.figure in report.figures
     }
 
 
-def report_markdown(report: Report, wandb_note: str) -> str:
+def report_markdown(report: Report, wandb_note: str, files: list[str]) -> str:
     parts = [
         "# TransFusion search report",
         "",
@@ -898,6 +938,7 @@ def report_markdown(report: Report, wandb_note: str) -> str:
     for name, caption in _figure_captions(report).items():
         parts += [f"![{name}](figures/{name}.png)", "", caption, ""]
     parts += ["## Weights & Biases", "", wandb_note, ""]
+    parts += ["## Files", ""] + [f"- `{name}`" for name in files] + [""]
     return "\n".join(parts)
 
 
@@ -911,12 +952,12 @@ tr.mean td{border-top:2px solid #444;font-weight:600}
 .note{font-size:12px;color:#555;margin:.2em 0}
 .missing{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
 figure{margin:1em 0}
-figure img{max-width:100%;border:1px solid #eee}
+figure img{max-width:min(100%,860px);border:1px solid #eee}
 figcaption{font-size:12px;color:#555}
 """
 
 
-def report_html(report: Report, figure_png: dict[str, bytes], wandb_note: str) -> str:
+def report_html(report: Report, figure_png: dict[str, bytes], wandb_note: str, files: list[str]) -> str:
     runs = "".join(f"<li>{html.escape(_run_summary(run))}</li>" for run in report.runs)
     missing = ""
     if report.missing:
@@ -936,7 +977,9 @@ def report_html(report: Report, figure_png: dict[str, bytes], wandb_note: str) -
         f"<p class='note'>Generated {_now()} by <code>tfsearch report</code>.</p>"
         f"<h2>Runs</h2><ul>{runs}</ul>{missing}<h2>Tables</h2>{tables}<h2>Figures</h2>"
         f"{figures or '<p>No figure (see Missing).</p>'}"
-        f"<h2>Weights &amp; Biases</h2><p>{html.escape(wandb_note)}</p></body></html>\n"
+        f"<h2>Weights &amp; Biases</h2><p>{html.escape(wandb_note)}</p>"
+        f"<h2>Files</h2><ul>{''.join(f'<li><code>{html.escape(f)}</code></li>' for f in files)}</ul>"
+        "</body></html>\n"
     )
 
 
@@ -948,12 +991,12 @@ def _now() -> str:
 def _wandb_table(table: Table):
     import wandb
 
-    columns = [c.heading for c in table.columns]
-    data = [
-        [None if _csv_cell(row.get(c.key)) == "" else row.get(c.key) for c in table.columns]
-        for row in table.rows
-    ]
-    return wandb.Table(columns=columns, data=data)
+    def value(row: dict, column: Column) -> object:
+        cell = row.get(column.key)
+        return None if isinstance(cell, float) and math.isnan(cell) else cell
+
+    data = [[value(row, c) for c in table.columns] for row in table.rows]
+    return wandb.Table(columns=[c.heading for c in table.columns], data=data)
 
 
 def log_to_wandb(
@@ -987,10 +1030,10 @@ def log_to_wandb(
             | {f"figures/{name}": wandb.Image(str(path)) for name, path in figure_paths.items()}
         )
         for table in report.tables:
-            mean = next((r for r in table.rows if r.get("category") == MEAN), None)
-            for metric in REPORT_METRICS if mean else ():
-                if _finite(mean.get(metric)):
-                    run.summary[f"{table.key}/mean_{metric}"] = mean[metric]
+            for row in (r for r in table.rows if r.get("category") == MEAN):
+                run.summary.update(
+                    {f"{table.key}/mean_{m}": row[m] for m in REPORT_METRICS if _finite(row[m])}
+                )
         run_url = run.url if mode == "online" else None
     if mode == "offline":
         write_sync_note(out, "The report's tables and figures")
@@ -1040,7 +1083,7 @@ def create_wandb_report(
 
 
 # ------------------------------------------------------------------------------------------------- write
-def _write_figure(path_stem: Path, figure) -> dict[str, Path]:
+def _write_figure(path_stem: Path, figure: Figure) -> dict[str, Path]:
     paths = {}
     for fmt in ("png", "svg"):
         path = path_stem.with_suffix(f".{fmt}")
@@ -1050,9 +1093,40 @@ def _write_figure(path_stem: Path, figure) -> dict[str, Path]:
 
 
 def _remove_stale(folder: Path, keep: set[Path], suffixes: tuple[str, ...]) -> None:
+    """Drop what an earlier report left in our own folders and this one did not write (a figure that no
+    longer has data, a renamed run's table), so that the folder matches the report."""
     for path in folder.glob("*"):
         if path.suffix in suffixes and path not in keep:
             path.unlink()
+
+
+def write_tables(report: Report, folder: Path) -> set[Path]:
+    """Each table as CSV (and LaTeX where it belongs in a paper), plus the long (ours, published) list."""
+    written = set()
+    comparison = Table(
+        "published_comparison", "", [Column(c, c) for c in COMPARISON_COLUMNS], report.comparison, paper=False
+    )
+    for table in [*report.tables, comparison]:
+        outputs = {".csv": table_csv(table)} | ({".tex": table_latex(table)} if table.paper else {})
+        for suffix, text in outputs.items():
+            path = folder / f"{table.key}{suffix}"
+            atomic_write_text(path, text)
+            written.add(path)
+    _remove_stale(folder, written, (".csv", ".tex"))
+    return written
+
+
+def write_figures(report: Report, folder: Path) -> dict[str, Path]:
+    """Each sensitivity figure as PNG and SVG; returns the PNG of each."""
+    png = {}
+    for axis in AXES.values():
+        if axis.figure in report.figures:
+            figure = sensitivity_figure(report.figures[axis.figure], axis.column)
+            png[axis.figure] = _write_figure(folder / axis.figure, figure)["png"]
+    if folder.is_dir():
+        keep = {path.with_suffix(suffix) for path in png.values() for suffix in (".png", ".svg")}
+        _remove_stale(folder, keep, (".png", ".svg"))
+    return png
 
 
 def write_report(
@@ -1066,8 +1140,6 @@ def write_report(
     """Write every table, figure and document of the runs into `out` (default: FIRST_RUN_DIR/report)."""
     if not run_dirs:
         raise InputError("tfsearch report: expected at least one RUN_DIR")
-    if wandb not in WANDB_MODES:
-        raise InputError(f"--wandb must be one of {WANDB_MODES}, got {wandb!r}")
     check_mode(wandb, project)
     runs = [load_run(Path(d)) for d in run_dirs]
     out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
@@ -1078,46 +1150,15 @@ def write_report(
         say(f"[report] missing: {note}")
 
     report = build_report(runs)
-    tables_dir, figures_dir = out / "tables", out / "figures"
-    written: set[Path] = set()
-    for table in report.tables:
-        for suffix, text in ((".csv", table_csv(table)), (".tex", table_latex(table))):
-            if suffix == ".tex" and table.key == "training":
-                continue
-            path = tables_dir / f"{table.key}{suffix}"
-            atomic_write_text(path, text)
-            written.add(path)
-    comparison_columns = [
-        "table",
-        "dataset",
-        "protocol",
-        "category",
-        "metric",
-        "ours",
-        "published",
-        "delta",
-        "source",
-    ]
-    comparison = Table(
-        "published_comparison", "", [Column(c, c) for c in comparison_columns], report.comparison
-    )
-    atomic_write_text(tables_dir / "published_comparison.csv", table_csv(comparison))
-    written.add(tables_dir / "published_comparison.csv")
-
-    figure_png, figure_paths = {}, {}
-    for axis, (_, name) in AXES.items():
-        if name in report.figures:
-            paths = _write_figure(figures_dir / name, sensitivity_figure(report.figures[name], axis))
-            figure_png[name] = paths["png"].read_bytes()
-            figure_paths[name] = paths["png"]
-            written.update(paths.values())
-    for folder, suffixes in ((tables_dir, (".csv", ".tex")), (figures_dir, (".png", ".svg"))):
-        if folder.is_dir():
-            _remove_stale(folder, written, suffixes)
-
+    written = write_tables(report, out / "tables")
+    figure_paths = write_figures(report, out / "figures")
+    written |= {path.with_suffix(suffix) for path in figure_paths.values() for suffix in (".png", ".svg")}
     wandb_note = log_to_wandb(report, out, figure_paths, wandb, project, entity)
-    atomic_write_text(out / "report.md", report_markdown(report, wandb_note))
-    atomic_write_text(out / "report.html", report_html(report, figure_png, wandb_note))
+    files = ["report.md", "report.html", *sorted(str(p.relative_to(out)) for p in written)]
+    files += ["wandb/"] if wandb != "disabled" else []
+    figure_png = {name: path.read_bytes() for name, path in figure_paths.items()}
+    atomic_write_text(out / "report.md", report_markdown(report, wandb_note, files))
+    atomic_write_text(out / "report.html", report_html(report, figure_png, wandb_note, files))
     say(f"[report] {len(report.tables)} tables, {len(figure_paths)} figures: {out / 'report.html'}")
     say(f"[report] {wandb_note}")
     return out
