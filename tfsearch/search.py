@@ -13,8 +13,16 @@ A run folder (`--runs-root`/NAME) holds:
     studies.db      the Optuna studies (SQLite; `optuna-dashboard sqlite:///.../studies.db` opens it)
     trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
     selected.csv    per category: the default configuration's and the selected configuration's metrics
-    train/CATEGORY/MODEL/   training runs (checkpoints, maps; see tfsearch.train), under --storage if given
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train)
     tune/           Ray Tune's experiment state, which `--resume` restores
+
+`--storage STORAGE` moves train/ and tune/ to STORAGE/NAME, which every node of a cluster must reach: a
+shared folder, used in place, or an object-store URI (s3://, gs://; tfsearch.storage). With a URI, a training
+trial works in a node-local scratch folder: it first downloads what the storage holds of its training run
+(so a trial continued on another node never retrains a milestone) and uploads each milestone (maps,
+checkpoint, history, then milestones.json) before reporting it. The selection downloads the logs and maps it
+needs to the run folder's cache/; studies.db stays in the run folder (SQLite needs a local disk), and the
+tables (config.json, trials.csv, selected.csv, a copy of studies.db) are uploaded to STORAGE/NAME at the end.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +49,7 @@ from tfsearch.config import PROFILES, Profile
 from tfsearch.errors import InputError
 from tfsearch.metrics import METRIC_NAMES
 from tfsearch.spaces import TRAINABLE, Space, load_space
+from tfsearch.storage import RUN_TABLES, Location, run_location
 from tfsearch.train import TrainDir, TrainJob
 
 PROTOCOLS = ("test", "val")
@@ -75,6 +86,10 @@ SELECTED_COLUMNS = (
     *(f"selected_{f}" for f in CONFIG_FIELDS),
 )
 MILESTONE_LOG = "milestones.json"
+# the run's tables copied to an object-store --storage at the end
+STORED_TABLES = (*RUN_TABLES, "studies.db")
+# where training trials keep their scratch copy with an object-store --storage (default: the system temp)
+SCRATCH_ENV = "TFSEARCH_SCRATCH"
 
 
 def now() -> str:
@@ -88,7 +103,8 @@ class RunPlan:
 
     name: str
     run_dir: Path
-    storage: Path
+    # STORAGE/NAME (the run folder itself without --storage): training runs and Tune's experiment state
+    location: Location
     space: Space
     dataset: str
     data_root: Path | None
@@ -107,6 +123,12 @@ class RunPlan:
     wandb: str = "offline"
     wandb_project: str | None = None
     wandb_entity: str | None = None
+
+    @property
+    def storage(self) -> Path:
+        """Where this machine reads the training runs: the storage folder, or the run's cache of an object
+        store (filled by `fetch_training_results`)."""
+        return self.location.local_path if self.location.is_local else self.run_dir / "cache"
 
     @property
     def validation(self) -> str:
@@ -140,7 +162,7 @@ class RunPlan:
         """The plan as JSON; two plans that describe the same are the same run."""
         return {
             "name": self.name,
-            "storage": str(self.storage),
+            "storage": self.location.uri,
             "space": {"name": self.space.name, "source": self.space.source},
             "scope": self.space.scope,
             "dataset": self.dataset,
@@ -164,7 +186,7 @@ class RunPlan:
         """What every training trial needs besides its own config (category, training hyperparameters)."""
         return {
             "plan": self.describe(),
-            "storage": str(self.storage),
+            "storage": self.location.uri,
             "split": self.selection_split,
             "metric": self.space.metric,
             "lam": self.profile.lam,
@@ -205,12 +227,83 @@ def read_milestone_log(train_dir: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+class TrainingFolder:
+    """The folder a training trial trains in.
+
+    In a storage folder (local or shared) it is the training run itself. With an object store it is a
+    node-local scratch copy: entering fetches what the store holds of the run (job, history, milestone log,
+    the last checkpoint and every milestone not yet logged, with their maps), `publish` uploads a milestone,
+    and the copy is deleted when the trial ends, since all of it was uploaded.
+    """
+
+    def __init__(self, storage: str, category: str, model: str) -> None:
+        location = Location.parse(storage).child("train", category, model)
+        self.remote = None if location.is_local else location
+        if self.remote is None:
+            self.path = location.local_path
+        else:
+            scratch = os.environ.get(SCRATCH_ENV)
+            if scratch:
+                Path(scratch).mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f"tfsearch-{category}-{model}-", dir=scratch))
+
+    def __enter__(self) -> TrainingFolder:
+        if self.remote is not None:
+            self.pull()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.remote is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
+
+    def pull(self) -> None:
+        from tfsearch.train import CHECKPOINT_FILE
+
+        folder = TrainDir(self.path)
+        for path in (folder.job_file, folder.history_file, self.path / MILESTONE_LOG):
+            self.remote.download(self.relative(path), path)
+        stored = self.remote.files("checkpoints")  # "epoch-0040/trainer.pt", ...
+        epochs = sorted(int(f.split("/")[0].split("-")[1]) for f in stored if f.endswith(CHECKPOINT_FILE))
+        if not epochs:
+            return
+        logged = {r["epoch"] for r in read_milestone_log(self.path)}
+        for epoch in sorted({epochs[-1], *(set(epochs) - logged)}):
+            self.remote.download(self.relative(folder.checkpoint(epoch)), folder.checkpoint(epoch))
+            for split in self.remote.folders("maps"):
+                self.remote.download(self.relative(folder.maps(epoch, split)), folder.maps(epoch, split))
+
+    def publish(self, epoch: int) -> None:
+        """Upload milestone `epoch`: maps first, then the checkpoint, history and (last) the milestone log,
+        so that whatever the store holds of a milestone is complete once the log lists it."""
+        if self.remote is None:
+            return
+        folder = TrainDir(self.path)
+        parts = [folder.maps(epoch, split) for split in ("test", "val")]
+        parts += [folder.checkpoint(epoch), folder.job_file, folder.history_file, self.path / MILESTONE_LOG]
+        for part in parts:
+            if part.exists():
+                self.remote.upload(part, self.relative(part))
+
+
 def train_category(config: dict, settings: dict) -> None:
     """Ray Tune trainable: train one category (one training configuration) to its last milestone.
 
     At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
-    folder and reports to Tune with the checkpoint folder, which Tune persists and hands back on a retry.
+    folder (uploaded to an object-store storage) and reports to Tune with the checkpoint folder, which Tune
+    persists and hands back on a retry.
     """
+    category = config["category"]
+    train_params = {k: config[k] for k in TRAINABLE if k in config}
+    model = model_id(train_params)
+    with TrainingFolder(settings["storage"], category, model) as folder:
+        train_in_folder(folder, category, train_params, settings)
+
+
+def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, settings: dict) -> None:
+    """The body of `train_category`, once the trial's folder is in place (resumed if it holds a run)."""
     import ray
     import torch
     from ray import tune
@@ -220,19 +313,17 @@ def train_category(config: dict, settings: dict) -> None:
     from tfsearch.metrics import GroundTruth, evaluate, fuse
     from tfsearch.train import CHECKPOINT_FILE, Runtime, Trainer
 
-    category = config["category"]
-    train_params = {k: config[k] for k in TRAINABLE if k in config}
     model = model_id(train_params)
     job = job_from_settings(settings, category, train_params)
-    train_dir = Path(settings["storage"]) / "train" / category / model
+    train_dir = folder.path
     torch.set_num_threads(max(1, int(settings["cpus"])))
 
     trainer = Trainer(job, train_dir, Runtime(device="auto", progress=False))
     trainer.start(resume=True)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
+        with checkpoint.as_directory() as saved:
+            state = torch.load(Path(saved) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
         if state["epoch"] > trainer.epoch:
             trainer.load_state(state)
     node_id = ray.get_runtime_context().get_node_id()
@@ -259,6 +350,7 @@ def train_category(config: dict, settings: dict) -> None:
         }
         log = [r for r in read_milestone_log(train_dir) if r["epoch"] != epoch] + [row]
         atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))
+        folder.publish(epoch)
         return metrics
 
     # milestones that a killed attempt checkpointed but did not get to log
@@ -360,10 +452,14 @@ def run_training(plan: RunPlan, quiet: bool, trainable=train_category) -> None:
         experiments = {"train": lambda: {"param_space": {"category": tune.grid_search(plan.categories)}}}
     else:
         experiments = {f"train-{c}": (lambda c=c: training_search(plan, c)) for c in plan.categories}
+    tune_root = plan.location.child("tune")
+    filesystem = tune_root.filesystem
     for name, make in experiments.items():
-        path = str((plan.run_dir / "tune" / name).resolve())
-        if tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, runnable, resume_unfinished=True, resume_errored=True)
+        path = tune_root.child(name).path
+        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+            tuner = tune.Tuner.restore(
+                path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+            )
         else:
             experiment = make()
             tune_config = tune.TuneConfig(
@@ -371,7 +467,8 @@ def run_training(plan: RunPlan, quiet: bool, trainable=train_category) -> None:
             )
             run_config = tune.RunConfig(
                 name=name,
-                storage_path=str((plan.run_dir / "tune").resolve()),
+                storage_path=tune_root.path,
+                storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
@@ -455,13 +552,50 @@ def study_name(plan: RunPlan, category: str | None) -> str:
     return f"{plan.space.name}/{plan.dataset}/{category or 'all'}"
 
 
+def fetch_training_results(plan: RunPlan) -> None:
+    """From an object-store storage, download what the selection and the tables read into the run's cache:
+    each training run's job, history and milestone log, and the maps of every logged milestone not cached yet.
+    """
+    from tfsearch.map_cache import map_set_exists
+
+    if plan.location.is_local:
+        return
+    train = plan.location.child("train")
+    splits = sorted({plan.selection_split, "test"})  # test maps: the tables report test metrics
+    for category in plan.categories:
+        for model in train.folders(category):
+            remote, local = train.child(category, model), TrainDir(plan.train_dir(category, model))
+            for path in (local.job_file, local.history_file, local.root / MILESTONE_LOG):
+                remote.download(path.name, path)
+            for record in read_milestone_log(local.root):
+                for split in splits:
+                    target = local.maps(record["epoch"], split)
+                    if not map_set_exists(target):
+                        remote.download(target.relative_to(local.root).as_posix(), target)
+
+
+def on_driver_node() -> dict:
+    """Ray task options that keep a task on the driver's node, whose disk holds studies.db and the maps; a
+    node without CPUs (a head kept free of work) runs the tasks without reserving any."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return {"num_cpus": 1 if cpus >= 1 else 0, "scheduling_strategy": strategy}
+
+
 def select(plan: RunPlan, quiet: bool) -> None:
-    """Stage 2: the studies, as Ray tasks (one per category, or one for the dataset with scope global)."""
+    """Stage 2: the studies, as Ray tasks (one per category, or one for the dataset with scope global) on
+    the driver's node, after the training results were fetched from an object-store storage."""
     import ray
 
+    fetch_training_results(plan)
     url = storage_url(plan)
     open_storage(url)  # creates the schema once, before tasks open it concurrently
     groups = [[c] for c in plan.categories] if plan.space.scope != "global" else [plan.categories]
+    options = on_driver_node()
     pending = []
     for group in groups:
         study_plan = selection_plan(plan, group)
@@ -469,7 +603,7 @@ def select(plan: RunPlan, quiet: bool) -> None:
             if not quiet:
                 print(f"[select] {', '.join(group)}: no finished milestone to select from", file=sys.stderr)
             continue
-        pending.append(ray.remote(num_cpus=1)(run_study_task).remote(url, study_plan))
+        pending.append(ray.remote(**options)(run_study_task).remote(url, study_plan))
     ray.get(pending)
 
 
@@ -710,11 +844,12 @@ def make_plan(args) -> RunPlan:
     categories = datasets.resolve_categories(args.dataset, args.data_root, args.category, args.categories)
     name = args.name or f"{space.name}-{args.dataset}"
     run_dir = Path(args.runs_root) / name
-    storage = Path(args.storage) / name if args.storage else run_dir
+    # trials run in other working directories (and on other nodes): the location is absolute
+    location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
     return RunPlan(
         name=name,
         run_dir=run_dir,
-        storage=storage,
+        location=location,
         space=space,
         dataset=args.dataset,
         data_root=args.data_root,
@@ -752,6 +887,17 @@ def start_run(plan: RunPlan, resume: bool) -> None:
         raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
     else:
         atomic_write_json(config, plan.describe())
+        publish_tables(plan)
+
+
+def publish_tables(plan: RunPlan) -> None:
+    """Copy the run's tables to an object-store storage, where `tfsearch report` can read them (a storage
+    folder needs no copy: the run folder is read directly)."""
+    if plan.location.is_local:
+        return
+    for name in STORED_TABLES:
+        if (plan.run_dir / name).is_file():
+            plan.location.upload(plan.run_dir / name, name)
 
 
 def execute(
@@ -775,6 +921,7 @@ def execute(
     select(plan, quiet)
     write_trials(plan)
     selected = write_selected(plan, quiet)
+    publish_tables(plan)
     from tfsearch.report import write_report
 
     write_report(
@@ -803,7 +950,9 @@ def register(subparsers) -> None:
     parser.add_argument("--name", help="run name (default: SPACE-DATASET)")
     parser.add_argument("--runs-root", default="runs", help="folder that holds the runs (default: runs)")
     parser.add_argument(
-        "--storage", help="shared path for training runs (checkpoints, maps); default: the run"
+        "--storage",
+        help="where training runs (checkpoints, maps) and Tune's state go, as STORAGE/NAME: a folder every"
+        " node reaches, or an object store (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX); default: the run",
     )
     parser.add_argument(
         "--select-on",

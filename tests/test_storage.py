@@ -1,0 +1,192 @@
+"""Run storage (tfsearch.storage): folders and object-store URIs, checked before any training, and a whole
+`tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), compared with a
+run whose storage is a folder."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import free_port
+from test_search import comparable, read_rows, run_args, write_space
+
+from tfsearch.cli import main
+from tfsearch.errors import InputError
+from tfsearch.map_cache import MapSet, read_map_set, write_map_set
+from tfsearch.storage import Location, local_run_dir
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "tfsearch-test"
+# moto accepts any credentials; without the metadata lookup disabled the AWS SDK would query an EC2 address
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def s3_uri(endpoint: str, path: str) -> str:
+    return f"s3://{path}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 holding an empty bucket; yields its HOST:PORT and stops it after."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in CREDENTIALS.items():
+            patch.setenv(key, value)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"{host}:{port}"
+            client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            yield endpoint
+        finally:
+            server.stop()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ locations
+def test_a_folder_is_absolute_and_used_in_place(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    location = Location.parse("shared")
+    assert location.is_local and location.local_path == tmp_path / "shared"
+    run = location.child("run-1")
+    assert run.uri == str(tmp_path / "shared" / "run-1") and run.local_path == tmp_path / "shared" / "run-1"
+    run.check()
+    assert run.local_path.is_dir()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match=r"--storage .*a-file/runs: cannot create the folder"):
+        Location.parse("a-file/runs").check()
+
+
+def test_a_uri_child_keeps_its_endpoint(monkeypatch):
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    location = Location.parse(s3_uri("127.0.0.1:9", "bucket/runs"))
+    run = location.child("per_class-demo", "train")
+    assert not run.is_local
+    assert run.uri == "s3://bucket/runs/per_class-demo/train?endpoint_override=127.0.0.1:9&scheme=http"
+    assert run.path == "bucket/runs/per_class-demo/train"
+
+
+@pytest.mark.parametrize(
+    "storage, message",
+    [
+        (lambda endpoint: "ftp://host/runs", "unknown scheme 'ftp'"),
+        (lambda endpoint: s3_uri(f"127.0.0.1:{closed_port()}", f"{BUCKET}/runs"), "storage not reachable"),
+        (
+            lambda endpoint: s3_uri(endpoint, "no-such-bucket/runs"),
+            "the bucket 'no-such-bucket' does not exist",
+        ),
+    ],
+    ids=["unknown-scheme", "connection-refused", "missing-bucket"],
+)
+def test_bad_storage_fails_within_seconds_before_any_run(
+    tmp_path, demo_dataset_root, capsys, s3_endpoint, storage, message
+):
+    uri = storage(s3_endpoint)
+    started = time.perf_counter()
+    args = run_args(write_space(tmp_path), tmp_path / "runs", demo_dataset_root, "bad", "--storage", uri)
+    code = main(args)
+    assert code == 2 and time.perf_counter() - started < 15
+    error = capsys.readouterr().err
+    assert f"--storage {uri}: {message}" in error
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_folders_round_trip_with_meta_json_last(tmp_path, s3_endpoint):
+    rng = np.random.default_rng(0)
+    maps = MapSet(
+        m_disc=rng.random((3, 8, 8)).astype(np.float16),
+        m_recon=rng.random((3, 8, 8)).astype(np.float16),
+        masks=rng.random((3, 8, 8)) > 0.7,
+        labels=np.array([0, 1, 1], dtype=np.int8),
+        image_ids=["a", "b", "c"],
+        meta={"dataset": "demo", "category": "disk", "epoch": 1, "split": "test", "image_size": 8,
+              "data_root": None, "mask_paths": [None, "b.png", "c.png"]},
+    )  # fmt: skip
+    write_map_set(tmp_path / "up" / "epoch-0001", maps)
+    store = Location.parse(s3_uri(s3_endpoint, f"{BUCKET}/round-trip"))
+    store.upload(tmp_path / "up", "maps")
+    stored = store.files("maps")
+    assert stored[-1] == "epoch-0001/meta.json" and len(stored) == 6  # the commit file goes up last
+    assert store.folders("maps") == ["epoch-0001"]
+
+    assert store.download("maps/epoch-0001", tmp_path / "down")
+    back = read_map_set(tmp_path / "down")
+    assert np.array_equal(back.m_disc, maps.m_disc) and np.array_equal(back.masks, maps.masks)
+    assert back.image_ids == maps.image_ids
+    assert not store.download("maps/epoch-0002", tmp_path / "absent") and not (tmp_path / "absent").exists()
+    assert store.read_text("maps/none.json") is None
+    with pytest.raises(InputError, match="RUN_DIR .*: not a run: config.json is missing"):
+        local_run_dir(store.uri)
+
+
+# --------------------------------------------------------------------------------------------- a run
+def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, ray_instance, monkeypatch):
+    space = write_space(tmp_path)
+    root = tmp_path / "runs"
+    storage = s3_uri(s3_endpoint, f"{BUCKET}/runs")
+    args = [*run_args(space, root, demo_dataset_root, "s3", "--categories", "stripes"), "--storage", storage]
+    # the CLI in its own process: its local Ray instance hands the credentials to its workers
+    env = {**os.environ, **CREDENTIALS}
+    subprocess.run([sys.executable, "-m", "tfsearch.cli", *args], env=env, check=True, timeout=600)
+
+    # the same run with a folder as storage, given relative to the working directory (trials run elsewhere)
+    monkeypatch.chdir(tmp_path)
+    folder_args = run_args(space, root, demo_dataset_root, "folder", "--categories", "stripes")
+    assert main([*folder_args, "--storage", "shared"]) == 0
+    assert (tmp_path / "shared" / "folder" / "train" / "stripes" / "default" / "milestones.json").is_file()
+
+    s3_run, folder_run = root / "s3", root / "folder"
+    assert read_rows(s3_run / "selected.csv") == read_rows(folder_run / "selected.csv")
+    assert comparable(read_rows(s3_run / "trials.csv")) == comparable(read_rows(folder_run / "trials.csv"))
+
+    # the object store holds the training run, Tune's experiment and the tables; the run folder only a cache
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    store = Location.parse(storage).child("s3")
+    training = store.files("train/stripes/default")
+    for epoch in ("0001", "0002"):
+        assert f"checkpoints/epoch-{epoch}/trainer.pt" in training
+        assert f"maps/test/epoch-{epoch}/meta.json" in training
+    assert {"job.json", "history.csv", "milestones.json"} <= set(training)
+    assert store.folders("tune") == ["train"]
+    assert not (root / "s3" / "train").exists() and (root / "s3" / "cache" / "train" / "stripes").is_dir()
+
+    # `tfsearch report` reads a run from its URI through a local copy of the tables
+    local = local_run_dir(store.uri, cache=tmp_path / "report-cache")
+    for table in ("config.json", "trials.csv", "selected.csv"):
+        assert (local / table).read_bytes() == (root / "s3" / table).read_bytes()
+    from tfsearch.report import load_run
+
+    assert list(load_run(local).selected["category"]) == ["stripes"]
+
+    # a trial that starts anywhere continues from what the store holds: nothing is trained again
+    from tfsearch.search import TrainingFolder, job_from_settings
+    from tfsearch.train import Runtime, Trainer
+
+    monkeypatch.setenv("TFSEARCH_SCRATCH", str(tmp_path))
+    settings = {"plan": json.loads((root / "s3" / "config.json").read_text())}
+    with TrainingFolder(store.uri, "stripes", "default") as folder:
+        assert folder.path.parent == tmp_path
+        trainer = Trainer(job_from_settings(settings, "stripes", {}), folder.path, Runtime(progress=False))
+        trainer.start(resume=True)
+        assert trainer.epoch == 2 and trainer.fit() == []
+    assert not folder.path.exists()  # the scratch copy is gone, everything in it was uploaded
