@@ -183,7 +183,7 @@ def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, r
     from tfsearch.train import Runtime, Trainer
 
     monkeypatch.setenv("TFSEARCH_SCRATCH", str(tmp_path))
-    settings = {"plan": json.loads((root / "s3" / "config.json").read_text())}
+    settings = {"job": json.loads(store.read_text("train/stripes/default/job.json"))}
     with TrainingFolder(store.uri, "stripes", "default") as folder:
         assert folder.path.parent == tmp_path
         trainer = Trainer(job_from_settings(settings, "stripes", {}), folder.path, Runtime(progress=False))

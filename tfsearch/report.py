@@ -43,6 +43,7 @@ import pandas as pd
 from tfsearch.atomic import atomic_write, atomic_write_text
 from tfsearch.errors import InputError
 from tfsearch.search import CONFIG_FIELDS, MILESTONE_LOG
+from tfsearch.storage import local_run_dir
 from tfsearch.tracking import DEFAULT_PROJECT, WANDB_MODES, check_mode, sync_command, write_sync_note
 
 if TYPE_CHECKING:
@@ -1130,7 +1131,7 @@ def write_figures(report: Report, folder: Path) -> dict[str, Path]:
 
 
 def write_report(
-    run_dirs: list[Path],
+    run_dirs: list[Path | str],
     out: Path | None = None,
     wandb: str = "offline",
     project: str | None = None,
@@ -1141,8 +1142,9 @@ def write_report(
     if not run_dirs:
         raise InputError("tfsearch report: expected at least one RUN_DIR")
     check_mode(wandb, project)
-    runs = [load_run(Path(d)) for d in run_dirs]
-    out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
+    local = [local_run_dir(str(d)) for d in run_dirs]  # a run on an object store is fetched first
+    runs = [load_run(d) for d in local]
+    out = Path(out) if out is not None else local[0] / "report"
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     say: Callable[[str], None] = (lambda _: None) if quiet else (lambda m: print(m, flush=True))
@@ -1169,7 +1171,10 @@ def register(subparsers) -> None:
         "report", help="the paper's tables and figures from run folders, beside the published numbers"
     )
     parser.add_argument(
-        "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (tfsearch run)"
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders of `tfsearch run`, or their --storage URIs",
     )
     parser.add_argument("--out", type=Path, help="output folder (default: FIRST_RUN_DIR/report)")
     parser.add_argument(

@@ -28,6 +28,7 @@ tables (config.json, trials.csv, selected.csv, a copy of studies.db) are uploade
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -50,7 +51,7 @@ from tfsearch.errors import InputError
 from tfsearch.metrics import METRIC_NAMES
 from tfsearch.spaces import TRAINABLE, Space, load_space
 from tfsearch.storage import RUN_TABLES, Location, run_location
-from tfsearch.train import TrainDir, TrainJob
+from tfsearch.train import PRECISIONS, TrainDir, TrainJob
 
 PROTOCOLS = ("test", "val")
 TRIAL_COLUMNS = (
@@ -119,6 +120,8 @@ class RunPlan:
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
     max_failures: int = 2
+    precision: str = "fp32"  # fp32 | bf16 autocast in the training trials
+    channels_last: bool = False
     # Weights & Biases: offline | online | disabled; not part of the plan's identity
     wandb: str = "offline"
     wandb_project: str | None = None
@@ -140,12 +143,12 @@ class RunPlan:
     def selection_split(self) -> str:
         return "val" if self.select_on == "val" else "test"
 
-    def job(self, category: str, train_params: dict | None = None) -> TrainJob:
-        profile = self.profile.replace(**train_params) if train_params else self.profile
+    def job(self, category: str) -> TrainJob:
+        """The training job of a category with the profile's own training hyperparameters."""
         return TrainJob(
             dataset=self.dataset,
             category=category,
-            profile=profile,
+            profile=self.profile,
             data_root=self.data_root,
             milestones=self.milestones,
             texture_root=self.texture_root,
@@ -175,6 +178,8 @@ class RunPlan:
             "texture_root": str(self.texture_root) if self.texture_root else None,
             "fg_root": str(self.fg_root) if self.fg_root else None,
             "restrict_to_foreground": self.restrict_to_foreground,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
             "selection": {
                 "metric": self.space.metric,
                 "sampler": self.space.sampler,
@@ -185,7 +190,7 @@ class RunPlan:
     def trial_settings(self) -> dict:
         """What every training trial needs besides its own config (category, training hyperparameters)."""
         return {
-            "plan": self.describe(),
+            "job": self.job("").to_dict(),
             "storage": self.location.uri,
             "split": self.selection_split,
             "metric": self.space.metric,
@@ -193,6 +198,8 @@ class RunPlan:
             "kernel": self.profile.kernel,
             "protocol": self.select_on,
             "cpus": self.cpus_per_trial,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
         }
 
 
@@ -204,21 +211,9 @@ def model_id(train_params: dict) -> str:
 
 
 def job_from_settings(settings: dict, category: str, train_params: dict) -> TrainJob:
-    plan = settings["plan"]
-    profile_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in plan["profile"].items()}
-    profile = Profile(**profile_fields)
-    return TrainJob(
-        dataset=plan["dataset"],
-        category=category,
-        profile=profile.replace(**train_params) if train_params else profile,
-        data_root=Path(plan["data_root"]) if plan["data_root"] else None,
-        milestones=tuple(plan["milestones"]),
-        texture_root=Path(plan["texture_root"]) if plan["texture_root"] else None,
-        fg_root=Path(plan["fg_root"]) if plan["fg_root"] else None,
-        restrict_to_foreground=plan["restrict_to_foreground"],
-        validation="none" if plan["select_on"] == "test" else ("folder" if plan["val_root"] else "synthetic"),
-        val_root=Path(plan["val_root"]) if plan["val_root"] else None,
-    )
+    """A category's training job, from the plan's job template and a trial's training hyperparameters."""
+    job = TrainJob.from_dict({**settings["job"], "category": category})
+    return dataclasses.replace(job, profile=job.profile.replace(**train_params)) if train_params else job
 
 
 # ------------------------------------------------------------------------------------ training trials
@@ -318,7 +313,8 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
     train_dir = folder.path
     torch.set_num_threads(max(1, int(settings["cpus"])))
 
-    trainer = Trainer(job, train_dir, Runtime(device="auto", progress=False))
+    runtime = Runtime("auto", settings["precision"], progress=False, channels_last=settings["channels_last"])
+    trainer = Trainer(job, train_dir, runtime)
     trainer.start(resume=True)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -603,7 +599,8 @@ def select(plan: RunPlan, quiet: bool) -> None:
             if not quiet:
                 print(f"[select] {', '.join(group)}: no finished milestone to select from", file=sys.stderr)
             continue
-        pending.append(ray.remote(**options)(run_study_task).remote(url, study_plan))
+        task = ray.remote(**options)(run_study_task).options(name=f"select-{study_plan.name}")
+        pending.append(task.remote(url, study_plan))
     ray.get(pending)
 
 
@@ -816,6 +813,7 @@ def connect(address: str | None, quiet: bool) -> None:
 
     # Tune warns on every checkpoint of short milestones; the console view reports progress instead
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables on the console
     if ray.is_initialized():
         return
     env = {"env_vars": {k: os.environ[k] for k in ("WANDB_MODE",) if k in os.environ}}
@@ -864,6 +862,8 @@ def make_plan(args) -> RunPlan:
         gpus_per_trial=args.gpus_per_trial if args.gpus_per_trial is not None else 0.0,
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
+        precision=args.precision,
+        channels_last=args.channels_last,
         wandb=args.wandb,
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,
@@ -969,6 +969,8 @@ def register(subparsers) -> None:
     parser.add_argument("--gpus-per-trial", type=float, help="GPUs per training trial (default: 1 if any)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failing training trial")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
     parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")
     parser.add_argument("--quiet", action="store_true", help="no progress output")

@@ -525,9 +525,8 @@ def train(
 def add_runtime_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
-    parser.add_argument(
-        "--loader-workers", type=int, default=0, help="threads that decode the images at start"
-    )
+    parser.add_argument("--loader-workers", type=int, default=0, help="threads decoding the images at start")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
 
 
 def register(subparsers) -> None:
