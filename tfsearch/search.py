@@ -760,7 +760,7 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
             study = optuna.load_study(study_name=selection.name, storage=storage)
         except KeyError:
             continue
-        chosen, chosen_value = best_config(study, default, default_value)
+        chosen, _ = best_config(study, default, default_value)
         if plan.select_on == "val":
             test = selection_plan(plan, group, split="test").candidates
         else:
@@ -774,10 +774,11 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
                 "selection_metric": plan.space.metric,
             }
             for prefix, config in (("default", default), ("selected", chosen)):
-                own = selection.candidates[category].evaluate(config)[plan.space.metric]
+                own = selection.candidates[category].evaluate(config)
+                tested = own if test is selection.candidates else test[category].evaluate(config)
                 row.update({f"{prefix}_{k}": v for k, v in config.as_params().items()})
-                row[f"{prefix}_selection_value"] = own
-                row.update({f"{prefix}_test_{k}": v for k, v in test[category].evaluate(config).items()})
+                row[f"{prefix}_selection_value"] = own[plan.space.metric]
+                row.update({f"{prefix}_test_{k}": v for k, v in tested.items()})
             rows.append(row)
             if not quiet:
                 print(
@@ -786,7 +787,6 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
                     f" λ {chosen.lam:.3f}, n {chosen.kernel}); test image AUROC"
                     f" {row['selected_test_image_auroc']:.4f}"
                 )
-        del chosen_value
     write_csv(plan.run_dir / "selected.csv", SELECTED_COLUMNS, rows)
     return rows
 
