@@ -1,7 +1,9 @@
 """Fixtures shared across test files."""
 
+import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,15 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=port, log_to_driver=False)
     yield port
     ray.shutdown()
+
+
+def inspect_offline_run(folder: Path) -> dict:
+    """What an offline W&B run holds (state, config, summary), read without network by `wandb leet`."""
+    result = subprocess.run(
+        ["wandb", "leet", "inspect", "--summary", "--json", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)

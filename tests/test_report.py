@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import inspect_offline_run
 
 from tfsearch import report
 from tfsearch.cli import main
@@ -355,14 +356,7 @@ def test_offline_wandb_run_holds_the_tables_and_figures(tmp_path):
     run = make_run(tmp_path, "mv", "mvtec", ["bottle", "cable"])
     out = report.write_report([run], out=tmp_path / "out", wandb="offline", quiet=True)
     (run_folder,) = (out / "wandb").glob("offline-run-*")
-    result = subprocess.run(
-        ["wandb", "leet", "inspect", "--summary", "--json", str(run_folder)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    summary = json.loads(result.stdout)
+    summary = inspect_offline_run(run_folder)
     assert summary["state"] == "finished"
     tables = {k: v for k, v in summary["summary"].items() if k.startswith("tables/")}
     assert set(tables) == {"tables/single_config_mvtec", "tables/tuned_mv", "tables/training"}

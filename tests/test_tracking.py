@@ -3,7 +3,6 @@ logging through Ray Tune's W&B integration."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import inspect_offline_run
 
 from tfsearch.errors import InputError
 from tfsearch.tracking import SYNC_NOTE, tune_callbacks
@@ -103,14 +103,7 @@ def test_each_training_trial_is_a_wandb_run_offline(tiny_run):
     assert len(folders) == 2
     logged = {}
     for folder in folders:
-        result = subprocess.run(
-            ["wandb", "leet", "inspect", "--summary", "--json", str(folder)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        summary = json.loads(result.stdout)
+        summary = inspect_offline_run(folder)
         assert summary["state"] == "finished" and summary["project"] == "tfsearch"
         logged[summary["config"]["category"]] = summary["summary"]["selection_value"]
     assert logged == SELECTION_VALUES

@@ -179,13 +179,17 @@ def _replace_folder(staging: Path, directory: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise InputError(f"map cache file {path} is missing") from exc
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read map cache metadata {path}: {exc}") from exc
+        raise InputError(f"cannot read map cache file {path}: {exc}") from exc
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta = _read_json(path)
     if not isinstance(meta, dict):
         raise InputError(f"{path} must hold a JSON object")
     if meta.get("version") != MAP_CACHE_VERSION:
@@ -213,12 +217,7 @@ def _load_array(path: Path) -> np.ndarray:
 
 
 def _read_image_ids(path: Path) -> list[str]:
-    try:
-        image_ids = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"map cache file {path} is missing") from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+    image_ids = _read_json(path)
     if not (isinstance(image_ids, list) and all(isinstance(item, str) for item in image_ids)):
         raise InputError(f"{path} must hold a JSON list of image id strings")
     return image_ids

@@ -105,8 +105,9 @@ def ssim(
 ) -> torch.Tensor:
     """Mean SSIM with a Gaussian window and zero padding; the dynamic range L is read off the prediction
     (1 or 2 in practice), as the original does (method.md §6.2)."""
-    max_val = 255.0 if float(prediction.detach().max()) > 128 else 1.0
-    min_val = -1.0 if float(prediction.detach().min()) < -0.5 else 0.0
+    low, high = (float(v) for v in torch.aminmax(prediction.detach()))
+    max_val = 255.0 if high > 128 else 1.0
+    min_val = -1.0 if low < -0.5 else 0.0
     dynamic_range = max_val - min_val
     c1, c2 = (0.01 * dynamic_range) ** 2, (0.03 * dynamic_range) ** 2
     channels = prediction.shape[1]
