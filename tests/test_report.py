@@ -17,7 +17,7 @@ from conftest import inspect_offline_run
 from tfsearch import report
 from tfsearch.cli import main
 from tfsearch.errors import InputError
-from tfsearch.search import SELECTED_COLUMNS, TRIAL_COLUMNS
+from tfsearch.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS
 
 METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
 LAM_GRID = (0.0, 0.5, 0.8, 0.95, 1.0)

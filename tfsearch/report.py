@@ -42,7 +42,7 @@ import pandas as pd
 
 from tfsearch.atomic import atomic_write, atomic_write_text
 from tfsearch.errors import InputError
-from tfsearch.search import CONFIG_FIELDS, MILESTONE_LOG
+from tfsearch.run_folder import CONFIG_FIELDS, MILESTONE_LOG
 from tfsearch.storage import local_run_dir
 from tfsearch.tracking import DEFAULT_PROJECT, WANDB_MODES, check_mode, sync_command, write_sync_note
 

@@ -27,9 +27,7 @@ tables (config.json, trials.csv, selected.csv, a copy of studies.db) are uploade
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -39,7 +37,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -50,51 +47,24 @@ from tfsearch.config import PROFILES, Profile
 from tfsearch.errors import InputError
 from tfsearch.metrics import METRIC_NAMES
 from tfsearch.spaces import TRAINABLE, Space, load_space
-from tfsearch.storage import RUN_TABLES, Location, run_location
+from tfsearch.run_folder import (
+    CONFIG_FIELDS,
+    MILESTONE_LOG,
+    RUN_TABLES,
+    SELECTED_COLUMNS,
+    TRIAL_COLUMNS,
+    now,
+    read_milestone_log,
+    write_csv,
+)
+from tfsearch.storage import Location, run_location
 from tfsearch.train import PRECISIONS, TrainDir, TrainJob
 
 PROTOCOLS = ("test", "val")
-TRIAL_COLUMNS = (
-    "dataset",
-    "category",
-    "stage",
-    "space",
-    "protocol",
-    "split",
-    "model",
-    "epoch",
-    "lam",
-    "kernel",
-    *METRIC_NAMES,
-    "objective",
-    "study",
-    "trial",
-    "status",
-    "node_id",
-    "started_at",
-    "finished_at",
-    "images_per_second",
-    "loss",
-)
-CONFIG_FIELDS = ("model", "epoch", "lam", "kernel", "selection_value", *(f"test_{m}" for m in METRIC_NAMES))
-SELECTED_COLUMNS = (
-    "dataset",
-    "category",
-    "space",
-    "protocol",
-    "selection_metric",
-    *(f"default_{f}" for f in CONFIG_FIELDS),
-    *(f"selected_{f}" for f in CONFIG_FIELDS),
-)
-MILESTONE_LOG = "milestones.json"
 # the run's tables copied to an object-store --storage at the end
 STORED_TABLES = (*RUN_TABLES, "studies.db")
 # where training trials keep their scratch copy with an object-store --storage (default: the system temp)
 SCRATCH_ENV = "TFSEARCH_SCRATCH"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -217,11 +187,6 @@ def job_from_settings(settings: dict, category: str, train_params: dict) -> Trai
 
 
 # ------------------------------------------------------------------------------------ training trials
-def read_milestone_log(train_dir: Path) -> list[dict]:
-    path = train_dir / MILESTONE_LOG
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 class TrainingFolder:
     """The folder a training trial trains in.
 
@@ -703,21 +668,6 @@ def selection_rows(plan: RunPlan) -> list[dict]:
                     }
                 )
     return rows
-
-
-def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: format_cell(row.get(k, "")) for k in columns})
-    atomic_write_text(path, out.getvalue())
-
-
-def format_cell(value: object) -> object:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return "" if value is None else value
 
 
 def write_trials(plan: RunPlan) -> list[dict]:

@@ -26,12 +26,12 @@ import pyarrow.fs as pafs
 from tfsearch.atomic import atomic_write
 from tfsearch.errors import InputError
 from tfsearch.map_cache import META_FILE
+from tfsearch.run_folder import MILESTONE_LOG, RUN_TABLES
 
 # URI schemes pyarrow opens; anything without "://" is a folder
 SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 # written last within their folder: a folder without it is incomplete (see tfsearch.map_cache)
 COMMIT_LAST = (META_FILE,)
-RUN_TABLES = ("config.json", "trials.csv", "selected.csv")
 CHUNK = 1 << 20
 
 
@@ -205,8 +205,6 @@ def local_run_dir(path_or_uri: str | Path, cache: Path | None = None) -> Path:
         if not location.download(table, local / table):
             (local / table).unlink(missing_ok=True)  # a table the stored run no longer has
     if not (local / "trials.csv").is_file():
-        from tfsearch.search import MILESTONE_LOG
-
         for category in location.folders("train"):
             for model in location.folders(f"train/{category}"):
                 relative = f"train/{category}/{model}/{MILESTONE_LOG}"

@@ -1,0 +1,94 @@
+"""The run folder's schema: its files, the columns of its tables and the readers that every stage shares.
+
+This module sits at the bottom of the search's layers (plan, trainable, training stage, selection stage,
+tables, report): each of them, `tfsearch.storage` and `tfsearch report` read run folders through the names
+here, so none of them imports another stage to learn a column name. It imports neither torch nor Ray.
+
+A run folder (`--runs-root`/NAME) holds:
+
+    config.json     the resolved plan (space, dataset, categories, profile, milestones, protocol, ...)
+    studies.db      the Optuna studies (SQLite on a local disk), or studies.journal (Optuna's JournalStorage)
+                    when the run folder is on shared storage
+    trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
+    selected.csv    per category: the default configuration's and the selected configuration's metrics
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train)
+    tune/           Ray Tune's experiment state, which `--resume` restores
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tfsearch.atomic import atomic_write_text
+from tfsearch.metrics import METRIC_NAMES
+
+CONFIG_FILE = "config.json"
+TRIALS_FILE = "trials.csv"
+SELECTED_FILE = "selected.csv"
+# each training run's log of finished milestones (one row per milestone; see the trainable)
+MILESTONE_LOG = "milestones.json"
+RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE)
+
+TRIAL_COLUMNS = (
+    "dataset",
+    "category",
+    "stage",
+    "space",
+    "protocol",
+    "split",
+    "model",
+    "epoch",
+    "lam",
+    "kernel",
+    *METRIC_NAMES,
+    "objective",
+    "study",
+    "trial",
+    "status",
+    "node_id",
+    "started_at",
+    "finished_at",
+    "images_per_second",
+    "loss",
+)
+CONFIG_FIELDS = ("model", "epoch", "lam", "kernel", "selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SELECTED_COLUMNS = (
+    "dataset",
+    "category",
+    "space",
+    "protocol",
+    "selection_metric",
+    *(f"default_{f}" for f in CONFIG_FIELDS),
+    *(f"selected_{f}" for f in CONFIG_FIELDS),
+)
+
+
+def now() -> str:
+    """A timestamp as the tables write it (UTC, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_milestone_log(train_dir: Path) -> list[dict]:
+    path = Path(train_dir) / MILESTONE_LOG
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A table with exactly `columns`, written atomically; NaN and None become empty cells."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: format_cell(row.get(k, "")) for k in columns})
+    atomic_write_text(path, out.getvalue())
+
+
+def format_cell(value: object) -> object:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return "" if value is None else value
