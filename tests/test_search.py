@@ -15,9 +15,13 @@ import yaml
 
 from tfsearch.cli import main
 from tfsearch.errors import InputError
-from tfsearch.search import RunPlan, execute, make_plan, run_training, select, start_run, train_category
+from tfsearch.plan import RunPlan, make_plan, start_run
+from tfsearch.search import execute
+from tfsearch.selection_stage import select
 from tfsearch.spaces import builtin_spaces, load_space
 from tfsearch.train import TrainDir
+from tfsearch.trainable import train_category
+from tfsearch.training_stage import run_training
 
 TINY = {
     "name": "tiny",
@@ -134,7 +138,7 @@ def test_unreachable_address_fails_fast(tmp_path, demo_dataset_root, capsys):
 # ----------------------------------------------------------------------------------------- runs
 def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
     plan = plan_for(tmp_path, demo_dataset_root, "pc", "disk,stripes")
-    selected = execute(plan, quiet=True)
+    selected = execute(plan)
     run_dir = plan.run_dir
     assert [r["category"] for r in selected] == ["disk", "stripes"]
     for row in selected:
@@ -163,7 +167,7 @@ def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
 
     # a second run under the same name refuses rather than overwrite
     with pytest.raises(InputError, match="already exists; pass --resume"):
-        execute(plan, quiet=True)
+        execute(plan)
 
 
 def test_a_failing_trial_is_retried_from_its_checkpoint(tmp_path, demo_dataset_root, ray_instance):
@@ -187,7 +191,7 @@ def test_a_failing_trial_is_retried_from_its_checkpoint(tmp_path, demo_dataset_r
             tune.report = original
 
     plan = plan_for(tmp_path, demo_dataset_root, "flaky")
-    execute(plan, quiet=True, trainable=flaky)
+    execute(plan, trainable=flaky)
     assert marker.exists()
     train_rows = [r for r in read_rows(plan.run_dir / "trials.csv") if r["stage"] == "train"]
     assert [r["epoch"] for r in train_rows] == ["1", "2"]
@@ -198,19 +202,19 @@ def test_a_failing_trial_is_retried_from_its_checkpoint(tmp_path, demo_dataset_r
 def test_select_on_val_never_reads_test_labels(tmp_path, demo_dataset_root, ray_instance):
     plan = plan_for(tmp_path, demo_dataset_root, "val", "stripes", "--select-on", "val")
     start_run(plan, resume=False)
-    run_training(plan, quiet=True)
+    run_training(plan)
     train_dir = TrainDir(plan.train_dir("stripes", "default"))
     assert train_dir.map_epochs("val") == [1, 2]
     # hide every test map (and with it the test labels) while the selection runs
     hidden = tmp_path / "hidden"
     shutil.move(train_dir.root / "maps" / "test", hidden)
-    select(plan, quiet=True)
+    select(plan, failed={})
     shutil.move(hidden, train_dir.root / "maps" / "test")
 
-    from tfsearch.search import write_selected, write_trials
+    from tfsearch.tables import write_selected, write_trials
 
     write_trials(plan)
-    (row,) = write_selected(plan, quiet=True)
+    (row,) = write_selected(plan, failed={})
     assert row["protocol"] == "val"
     assert row["selected_selection_value"] >= row["default_selection_value"]
     assert 0 <= row["selected_test_image_auroc"] <= 1
@@ -271,7 +275,7 @@ def test_training_hyperparameters_are_searched_with_asha(tmp_path, demo_dataset_
         )
     )
     plan = make_plan(args)
-    (row,) = execute(plan, quiet=True)
+    (row,) = execute(plan)
     models = sorted(p.name for p in (plan.storage / "train" / "stripes").iterdir())
     assert len(models) == 3 and all(m.startswith("base_channels=") and "-lr=" in m for m in models)
     # ASHA lets at least one trial reach the last milestone; selection picks among the trained models

@@ -179,8 +179,8 @@ def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, r
     assert list(load_run(local).selected["category"]) == ["stripes"]
 
     # a trial that starts anywhere continues from what the store holds: nothing is trained again
-    from tfsearch.search import TrainingFolder, job_from_settings
     from tfsearch.train import Runtime, Trainer
+    from tfsearch.trainable import TrainingFolder, job_from_settings
 
     monkeypatch.setenv("TFSEARCH_SCRATCH", str(tmp_path))
     settings = {"job": json.loads(store.read_text("train/stripes/default/job.json"))}

@@ -204,6 +204,14 @@ def load_run(path: Path) -> RunResults:
         )
     if selected_path.is_file():
         selected = _read_table(selected_path, SELECTED_NEEDS)
+        if "status" in selected.columns:
+            failed = selected[selected["status"] == "failed"]
+            selected = selected[selected["status"] != "failed"].reset_index(drop=True)
+            missing += [
+                f"{row['dataset']}/{row['category']}: failed ({row['error']}); nothing selected, no Δ, left "
+                "out of every table and mean"
+                for row in failed.to_dict("records")
+            ]
     else:
         selected = pd.DataFrame(columns=list(SELECTED_NEEDS))
         missing.append(

@@ -65,6 +65,8 @@ SELECTED_COLUMNS = (
     "selection_metric",
     *(f"default_{f}" for f in CONFIG_FIELDS),
     *(f"selected_{f}" for f in CONFIG_FIELDS),
+    "status",  # ok | failed (training failed for good; nothing is selected)
+    "error",
 )
 
 

@@ -9,6 +9,7 @@ where `trials.csv` is rebuilt from, so a resumed run neither loses nor duplicate
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,12 +134,27 @@ def default_in_space(space: Space, default: Config) -> dict | None:
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, sampler) -> optuna.Study:
-    """Create or continue a study; trials left RUNNING by a killed driver are marked FAIL."""
+    """Create or continue a study, queueing again every candidate an earlier attempt did not finish.
+
+    A study runs in one task at a time, so a trial RUNNING when it opens was cut off (a killed driver or
+    node): it is marked FAIL. Each failed trial not retried yet goes to Optuna's retry callback, which queues
+    its parameters again (a grid point keeps its grid id), so every candidate is evaluated exactly once.
+    """
     study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
     )
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        elif trial.state != optuna.trial.TrialState.FAIL:
+            continue
+        if trial.number not in retried:
+            retry(study, storage.get_trial(trial._trial_id))
     return study
 
 
@@ -174,10 +190,10 @@ def run_study(storage: optuna.storages.BaseStorage, plan: StudyPlan) -> optuna.S
         trial.set_user_attr("metrics", per_category)
         return mean_metrics(per_category)[space.metric]
 
-    finished = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
     budget = max(space.trials, 1)
-    if finished < budget:
-        study.optimize(objective, n_trials=budget - finished)
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    if len(study.get_trials(deepcopy=False, states=complete)) < budget:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(budget, states=complete)])
     return study
 
 

@@ -1,7 +1,8 @@
 """Search spaces: what `tfsearch run` trains and which (epoch, λ, n) candidates it evaluates on cached maps.
 
-A space is a YAML file (the built-in ones live in `search_spaces/`); `--space NAME` picks a built-in one and
-`--space PATH` a user's file. Every key is validated here, and an error names the file and the key:
+A space is a YAML file (the built-in ones live in `search_spaces/`, installed as the package
+`tfsearch.search_spaces`); `--space NAME` picks a built-in one and `--space PATH` a user's file. Every key
+is validated here, and an error names the file and the key:
 
     name: per_class
     description: one line for `tfsearch spaces`
@@ -29,6 +30,7 @@ A space is a YAML file (the built-in ones live in `search_spaces/`); `--space NA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,6 @@ import yaml
 from tfsearch.config import PROFILES, Profile, get_profile
 from tfsearch.errors import InputError
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 SCOPES = ("single", "per_class", "global")
 SAMPLERS = ("tpe", "random", "grid")
 METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
@@ -321,7 +322,9 @@ def grid_size(params: dict[str, Param]) -> int:
 
 
 def builtin_spaces() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(SPACES_DIR.glob("*.yaml"))}
+    """The built-in spaces by name: the package `tfsearch.search_spaces` (the repository's search_spaces/)."""
+    folder = Path(str(resources.files("tfsearch.search_spaces")))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
 
 
 def load_space(name_or_path: str) -> Space:

@@ -134,15 +134,27 @@ class Location:
 
     # --- copying
     def upload(self, local: Path, relative: str) -> None:
-        """Copy a local file, or a folder with everything in it, to `relative` in an object store (a folder
-        location is written in place and never needs an upload)."""
+        """Copy a local file, or a folder with everything in it, to `relative` (training runs in a storage
+        folder are written in place; this copies into object stores, and publishes a run's results)."""
         local = Path(local)
         if local.is_file():
             self._put(local, self._full(relative))
             return
+        # file by file, commit files last (pyarrow's copy_files has no order: a reader could take a
+        # half-copied map set for a complete one)
         names = ordered([p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()])
         for name in names:
             self._put(local / name, self._full(posixpath.join(relative, name)))
+
+    def upload_folder(self, local: Path, relative: str) -> None:
+        """Copy a folder whose files need no order (a report, W&B runs), with parallel transfers."""
+        pafs.copy_files(
+            str(Path(local).resolve()),
+            self._full(relative),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.filesystem,
+            use_threads=True,
+        )
 
     def download(self, relative: str, local: Path) -> bool:
         """Copy the file or folder `relative` to `local`, each file atomically; False when it is absent."""
@@ -157,9 +169,13 @@ class Location:
         return True
 
     def _put(self, source: Path, target: str) -> None:
-        """One object store PUT: readers see the whole file or none of it."""
-        with source.open("rb") as reader, self.filesystem.open_output_stream(target) as writer:
-            shutil.copyfileobj(reader, writer, CHUNK)
+        """One file copied whole: readers see all of it or none (a rename in a folder, one object PUT)."""
+        with source.open("rb") as reader:
+            if self.is_local:
+                atomic_write(Path(target), lambda handle: shutil.copyfileobj(reader, handle, CHUNK))
+                return
+            with self.filesystem.open_output_stream(target) as writer:
+                shutil.copyfileobj(reader, writer, CHUNK)
 
     def _get(self, source: str, target: Path) -> None:
         with self.filesystem.open_input_stream(source) as stream:

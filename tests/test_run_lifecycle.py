@@ -1,0 +1,217 @@
+"""A run off the happy path: relative paths, categories that fail for good, restore only on `--resume`,
+changed options on resume, interrupted studies, studies on shared storage, and the module layout."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from test_search import TINY, read_rows, run_args, write_space
+
+from tfsearch.cli import build_parser, main
+from tfsearch.errors import InputError
+from tfsearch.plan import make_plan
+from tfsearch.search import execute
+from tfsearch.selection import Config, StudyPlan, run_study
+from tfsearch.spaces import parse_space
+from tfsearch.studies import STUDIES_DB, STUDIES_JOURNAL, filesystem_type, open_studies, studies_file
+from tfsearch.tables import candidate_rows
+from tfsearch.trainable import train_category
+
+
+def plan_from(*argv: str):
+    return make_plan(build_parser().parse_args(list(argv)))
+
+
+# ------------------------------------------------------------------------------------------ paths
+def test_relative_paths_are_resolved_on_the_driver(tmp_path, demo_dataset_root, monkeypatch, ray_instance):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mv").symlink_to(demo_dataset_root)
+    space = write_space(tmp_path)
+    args = [
+        *run_args(space, Path("runs"), Path("mv"), "rel", "--categories", "stripes"),
+        "--storage",
+        "store",
+    ]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "runs" / "rel" / "config.json").read_text())
+    assert config["data_root"] == str(demo_dataset_root.resolve())
+    assert config["storage"] == str(tmp_path / "store" / "rel")
+    (row,) = read_rows(tmp_path / "runs" / "rel" / "selected.csv")
+    assert (
+        row["category"] == "stripes" and row["status"] == "ok" and float(row["selected_test_image_auroc"]) > 0
+    )
+    # every result reached the storage folder, the report and the studies too
+    for name in ("config.json", "trials.csv", "selected.csv", STUDIES_DB, "report/report.md"):
+        assert (tmp_path / "store" / "rel" / name).is_file(), name
+
+    # a run of the same name from another run folder finds the experiment at the storage and refuses
+    other = [
+        *run_args(space, Path("elsewhere"), Path("mv"), "rel", "--categories", "stripes"),
+        "--storage",
+        "store",
+    ]
+    refused = re.escape(str(tmp_path / "store" / "rel")) + "/(tune|train) already holds a run"
+    with pytest.raises(InputError, match=refused):
+        execute(make_plan(build_parser().parse_args(other)))
+    assert not (tmp_path / "elsewhere" / "rel").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data-root", "--texture-root", "--fg-root"])
+def test_a_missing_relative_folder_names_the_flag_and_the_typed_path(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--dataset", "demo", "--space", str(write_space(tmp_path)), flag, "nowhere/x"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} nowhere/x: does not exist (resolved to {tmp_path / 'nowhere' / 'x'})" in err
+
+
+# ----------------------------------------------------------------------------------- failures
+def stripes_fails(attempts: Path, failures: int):
+    """A trainable that fails for the category stripes on its first `failures` attempts."""
+
+    def trainable(config, settings):
+        if config["category"] == "stripes":
+            count = len(attempts.read_text()) if attempts.exists() else 0
+            attempts.write_text("x" * (count + 1))
+            if count < failures:
+                raise RuntimeError(f"stripes is broken (attempt {count + 1})")
+        train_category(config, settings)
+
+    return trainable
+
+
+def test_a_failed_category_fails_the_run_and_resume_retries_only_it(
+    tmp_path, demo_dataset_root, ray_instance
+):
+    attempts = tmp_path / "attempts"
+    trainable = stripes_fails(attempts, failures=3)
+    space = write_space(tmp_path)
+    argv = run_args(space, tmp_path / "runs", demo_dataset_root, "f", "--categories", "disk,stripes")
+    plan = plan_from(*argv, "--max-failures", "0")
+    with pytest.raises(InputError, match=r"1 category .*\n  stripes: .*stripes is broken \(attempt 1\)"):
+        execute(plan, trainable=trainable)
+    assert attempts.read_text() == "x"  # --max-failures 0: no retry
+    rows = {r["category"]: r for r in read_rows(plan.run_dir / "selected.csv")}
+    assert rows["stripes"]["status"] == "failed" and "stripes is broken" in rows["stripes"]["error"]
+    assert rows["stripes"]["selected_epoch"] == "" and rows["stripes"]["default_epoch"] == ""
+    assert rows["disk"]["status"] == "ok" and rows["disk"]["selected_epoch"] != ""
+    assert "stripes" not in {
+        r["category"] for r in read_rows(plan.run_dir / "trials.csv") if r["stage"] == "select"
+    }
+    assert "demo/stripes: failed (" in (plan.run_dir / "report" / "report.md").read_text()
+    disk_checkpoint = plan.train_dir("disk", "default") / "checkpoints" / "epoch-0002" / "trainer.pt"
+    stamp = disk_checkpoint.stat().st_mtime_ns
+
+    # resumed with more retries: stripes fails twice more and then trains; disk is not trained again
+    resumed = plan_from(*argv, "--max-failures", "5", "--resume")
+    selected = execute(resumed, resume=True, trainable=trainable)
+    assert attempts.read_text() == "xxxx"
+    assert {r["category"]: r["status"] for r in selected} == {"disk": "ok", "stripes": "ok"}
+    assert disk_checkpoint.stat().st_mtime_ns == stamp
+    history = read_rows(plan.train_dir("disk", "default") / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------ studies
+class ScoredCandidates:
+    """Stands in for a category's cached maps: a candidate's metric is a fixed function of λ and n; the
+    evaluation given by `interrupt_at` raises KeyboardInterrupt, as a Ctrl-C of the driver would."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.calls, self.interrupt_at = 0, interrupt_at
+
+    def evaluate(self, config: Config) -> dict[str, float]:
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        value = config.lam / 2 + config.kernel / 10
+        return {m: value for m in ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")}
+
+
+def grid_study_plan(candidates) -> StudyPlan:
+    payload = {
+        **TINY,
+        "selection": {"metric": "image_auroc", "sampler": "grid", "seed": 0},
+        "params": {"epoch": "last", "lam": {"grid": [0.5, 0.75, 1.0]}, "kernel": {"grid": [1, 3]}},
+    }
+    space = parse_space(payload, "grid.yaml")
+    default = Config("default", 2, 0.95, 3)
+    return StudyPlan("grid/demo/stripes", space, {"stripes": candidates}, [("default", 2)], default)
+
+
+@pytest.mark.parametrize("studies", [STUDIES_DB, STUDIES_JOURNAL])
+def test_an_interrupted_grid_study_evaluates_every_point_exactly_once(tmp_path, studies):
+    from tfsearch.selection import make_sampler, open_study, suggest
+
+    storage = open_studies(tmp_path / studies)
+    with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th fails
+        run_study(storage, grid_study_plan(ScoredCandidates(interrupt_at=4)))
+    # and one more was cut off mid-evaluation (a killed driver leaves it RUNNING)
+    plan = grid_study_plan(ScoredCandidates())
+    study = open_study(storage, plan.name, make_sampler(plan.space, plan.checkpoints))
+    suggest(study.ask(), plan.space, plan.checkpoints, plan.default)
+
+    study = run_study(open_studies(tmp_path / studies), plan)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    points = sorted((t.params["lam"], t.params["kernel"]) for t in complete)
+    assert points == [(lam, n) for lam in (0.5, 0.75, 1.0) for n in (1, 3)]
+    # the trials table keeps the completed candidates only, one row each
+    rows = candidate_rows(study, "test")
+    assert sorted((r["lam"], r["kernel"]) for r in rows) == points
+    assert {r["status"] for r in rows} == {"complete"}
+
+
+def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):
+    mounts = "\n".join(
+        [
+            "/dev/root / ext4 rw 0 0",
+            "server:/export /shared nfs4 rw,relatime 0 0",
+            "lustre@tcp:/fs /shared/lustre lustre rw 0 0",
+            "/dev/sdb /shared/my\\040disk ext4 rw 0 0",
+        ]
+    )
+    assert filesystem_type(Path("/shared/runs/new-run"), mounts) == "nfs4"
+    assert filesystem_type(Path("/shared/lustre/runs"), mounts) == "lustre"
+    assert filesystem_type(Path("/shared/my disk/runs"), mounts) == "ext4"
+    assert filesystem_type(Path("/home/me"), mounts) == "ext4"
+
+    assert studies_file(tmp_path) == tmp_path / STUDIES_DB  # a local disk here
+    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "nfs4")
+    assert studies_file(tmp_path) == tmp_path / STUDIES_JOURNAL
+    # a run keeps the form its studies were created in
+    (tmp_path / STUDIES_DB).write_bytes(b"")
+    assert studies_file(tmp_path) == tmp_path / STUDIES_DB
+
+
+def test_a_run_on_a_shared_file_system_keeps_its_studies_in_a_journal(
+    tmp_path, demo_dataset_root, monkeypatch, ray_instance
+):
+    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "lustre")
+    space = write_space(tmp_path)
+    plan = plan_from(*run_args(space, tmp_path / "runs", demo_dataset_root, "j", "--categories", "stripes"))
+    (row,) = execute(plan)
+    assert not (plan.run_dir / STUDIES_DB).exists()
+    storage = open_studies(plan.run_dir / STUDIES_JOURNAL)
+    study = optuna.load_study(study_name="tiny/demo/stripes", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == TINY["selection"]["trials"]
+    assert (
+        row["selected_selection_value"] == study.best_value or row["selected_epoch"] == row["default_epoch"]
+    )
+
+
+# ------------------------------------------------------------------------------------- layout
+def test_the_report_imports_neither_torch_nor_the_search():
+    code = (
+        "import sys, tfsearch.report\n"
+        "loaded = [m for m in ('torch', 'ray', 'tfsearch.search', 'tfsearch.train') if m in sys.modules]\n"
+        "print(loaded)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,237 @@
+"""The plan of a run: everything `tfsearch run` does, resolved on the driver before any trial starts.
+
+Trials run in their own working folders, often on other nodes, so every path a user typed is made absolute
+here, once, and checked; an error names the flag and the path as typed. `start_run` decides whether the run
+starts or continues: it continues only with `--resume`, and only the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tfsearch import data as datasets
+from tfsearch.atomic import atomic_write_json
+from tfsearch.config import Profile
+from tfsearch.errors import InputError
+from tfsearch.run_folder import CONFIG_FILE
+from tfsearch.spaces import Space, load_space
+from tfsearch.storage import Location, run_location
+from tfsearch.train import TrainJob
+
+PROTOCOLS = ("test", "val")
+# the flags naming input folders; each is resolved on the driver (trials run in other working folders)
+INPUT_FOLDER_FLAGS = {
+    "data_root": "--data-root",
+    "texture_root": "--texture-root",
+    "fg_root": "--fg-root",
+    "val_root": "--val-root",
+}
+
+
+@dataclass
+class RunPlan:
+    """Everything a run does, resolved from the command line and the space; stored as `config.json`."""
+
+    name: str
+    run_dir: Path  # absolute
+    # STORAGE/NAME (the run folder itself without --storage): training runs and Tune's experiment state
+    location: Location
+    space: Space
+    dataset: str
+    data_root: Path | None
+    categories: list[str]
+    profile: Profile
+    milestones: tuple[int, ...]
+    select_on: str = "test"
+    val_root: Path | None = None
+    texture_root: Path | None = None
+    fg_root: Path | None = None
+    restrict_to_foreground: bool = True
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    # not part of the plan's identity: may change on --resume
+    max_failures: int = 2
+    quiet: bool = False
+    precision: str = "fp32"  # fp32 | bf16 autocast in the training trials
+    channels_last: bool = False
+    # Weights & Biases: offline | online | disabled; not part of the plan's identity
+    wandb: str = "offline"
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+
+    @property
+    def storage(self) -> Path:
+        """Where this machine reads the training runs: the storage folder, or the run's cache of an object
+        store (filled by the selection stage's `fetch_training_results`)."""
+        return self.location.local_path if self.location.is_local else self.run_dir / "cache"
+
+    @property
+    def storage_is_elsewhere(self) -> bool:
+        """Whether the storage is apart from the run folder, so that results must be copied there."""
+        return not (self.location.is_local and self.location.local_path == self.run_dir)
+
+    @property
+    def validation(self) -> str:
+        if self.select_on == "test":
+            return "none"
+        return "folder" if self.val_root else "synthetic"
+
+    @property
+    def selection_split(self) -> str:
+        return "val" if self.select_on == "val" else "test"
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The categories each study selects for: one each, or all together with scope global."""
+        return [self.categories] if self.space.scope == "global" else [[c] for c in self.categories]
+
+    def job(self, category: str) -> TrainJob:
+        """The training job of a category with the profile's own training hyperparameters."""
+        return TrainJob(
+            dataset=self.dataset,
+            category=category,
+            profile=self.profile,
+            data_root=self.data_root,
+            milestones=self.milestones,
+            texture_root=self.texture_root,
+            fg_root=self.fg_root,
+            restrict_to_foreground=self.restrict_to_foreground,
+            validation=self.validation,
+            val_root=self.val_root,
+        )
+
+    def train_dir(self, category: str, model: str) -> Path:
+        return self.storage / "train" / category / model
+
+    def describe(self) -> dict:
+        """The plan as JSON; two plans that describe the same are the same run."""
+        return {
+            "name": self.name,
+            "storage": self.location.uri,
+            "space": {"name": self.space.name, "source": self.space.source},
+            "scope": self.space.scope,
+            "dataset": self.dataset,
+            "data_root": str(self.data_root) if self.data_root else None,
+            "categories": self.categories,
+            "profile": self.profile.to_dict(),
+            "milestones": list(self.milestones),
+            "select_on": self.select_on,
+            "val_root": str(self.val_root) if self.val_root else None,
+            "texture_root": str(self.texture_root) if self.texture_root else None,
+            "fg_root": str(self.fg_root) if self.fg_root else None,
+            "restrict_to_foreground": self.restrict_to_foreground,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "selection": {
+                "metric": self.space.metric,
+                "sampler": self.space.sampler,
+                "trials": self.space.trials,
+            },
+        }
+
+    def trial_settings(self) -> dict:
+        """What every training trial needs besides its own config (category, training hyperparameters)."""
+        return {
+            "job": self.job("").to_dict(),
+            "storage": self.location.uri,
+            "split": self.selection_split,
+            "metric": self.space.metric,
+            "lam": self.profile.lam,
+            "kernel": self.profile.kernel,
+            "protocol": self.select_on,
+            "cpus": self.cpus_per_trial,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+        }
+
+
+def model_id(train_params: dict) -> str:
+    """A readable, filesystem-safe name for a training configuration."""
+    if not train_params:
+        return "default"
+    return "-".join(f"{k}={train_params[k]:.4g}" for k in sorted(train_params)).replace("/", "_")
+
+
+def input_folder(flag: str, typed: Path | str | None) -> Path | None:
+    """An input folder as an absolute path, checked here on the driver; the error names the flag and the
+    path as the user typed it."""
+    if typed is None:
+        return None
+    folder = Path(typed).expanduser().resolve()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{flag} {typed}: {what} (resolved to {folder})")
+    return folder
+
+
+def make_plan(args) -> RunPlan:
+    space = load_space(args.space)
+    if args.select_on not in PROTOCOLS:
+        raise InputError(f"--select-on must be one of {PROTOCOLS}, got {args.select_on!r}")
+    if args.val_root is not None and args.select_on != "val":
+        raise InputError("--val-root only applies with --select-on val")
+    folders = {key: input_folder(flag, getattr(args, key)) for key, flag in INPUT_FOLDER_FLAGS.items()}
+    profile = space.resolve_profile(args.profile)
+    if args.epochs:
+        profile = profile.with_epochs(args.epochs)
+    categories = datasets.resolve_categories(
+        args.dataset, folders["data_root"], args.category, args.categories
+    )
+    name = args.name or f"{space.name}-{args.dataset}"
+    run_dir = Path(args.runs_root).expanduser().resolve() / name
+    location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
+    return RunPlan(
+        name=name,
+        run_dir=run_dir,
+        location=location,
+        space=space,
+        dataset=args.dataset,
+        categories=categories,
+        profile=profile,
+        milestones=space.resolve_milestones(profile),
+        select_on=args.select_on,
+        restrict_to_foreground=not args.no_foreground,
+        gpus_per_trial=args.gpus_per_trial if args.gpus_per_trial is not None else 0.0,
+        cpus_per_trial=args.cpus_per_trial,
+        max_failures=args.max_failures,
+        quiet=args.quiet,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+        wandb_entity=args.wandb_entity,
+        **folders,
+    )
+
+
+def start_run(plan: RunPlan, resume: bool) -> None:
+    """Create the run folder, or check that `--resume` continues the same plan.
+
+    Without `--resume` a run never continues anything: an existing run folder, or an existing experiment
+    at its storage (a run of the same name started from another folder or machine), stops it.
+    """
+    config = plan.run_dir / CONFIG_FILE
+    if config.exists():
+        if not resume:
+            raise InputError(
+                f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
+            )
+        stored = json.loads(config.read_text())
+        current = json.loads(json.dumps(plan.describe()))  # tuples become lists, as stored
+        changed = sorted(k for k, v in current.items() if stored.get(k) != v)
+        if changed:
+            raise InputError(f"--resume: this command differs from {config} in {changed}")
+        return
+    if resume:
+        raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
+    existing = [folder for folder in ("tune", "train") if plan.location.folders(folder)]
+    if existing:
+        raise InputError(
+            f"--storage: {plan.location.child(existing[0]).uri} already holds a run named {plan.name!r};"
+            " resume it from its run folder with --resume, or choose another --name"
+        )
+    atomic_write_json(config, plan.describe())
+    if plan.storage_is_elsewhere:  # `tfsearch report STORAGE/NAME` can follow the run from the start
+        plan.location.upload(config, CONFIG_FILE)

@@ -1,0 +1,146 @@
+"""The selection stage, on the driver: per category (or per dataset with scope global), an Optuna study
+over (model, epoch, λ, n) evaluated on the maps the training stage cached.
+
+The studies run as Ray tasks on the driver's node, whose disk holds the studies file and the maps (with an
+object-store storage the maps are first fetched into the run's cache/). Nothing here trains. A group of
+categories is selected only once every category in it finished training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from tfsearch.plan import RunPlan
+from tfsearch.run_folder import MILESTONE_LOG, read_milestone_log
+from tfsearch.studies import open_studies, studies_file, study_name
+from tfsearch.train import TrainDir
+
+
+def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
+    """Training configurations of a category and the milestone epochs whose maps they finished."""
+    models = {}
+    folder = plan.storage / "train" / category
+    for model_dir in sorted(p for p in folder.glob("*") if p.is_dir()):
+        epochs = [e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones]
+        if epochs:
+            models[model_dir.name] = epochs
+    return models
+
+
+def fetch_training_results(plan: RunPlan) -> None:
+    """From an object-store storage, download what the selection and the tables read into the run's cache:
+    each training run's job, history and milestone log, and the maps of every logged milestone not cached yet.
+    """
+    from tfsearch.map_cache import map_set_exists
+
+    if plan.location.is_local:
+        return
+    train = plan.location.child("train")
+    splits = sorted({plan.selection_split, "test"})  # test maps: the tables report test metrics
+    for category in plan.categories:
+        for model in train.folders(category):
+            remote, local = train.child(category, model), TrainDir(plan.train_dir(category, model))
+            for path in (local.job_file, local.history_file, local.root / MILESTONE_LOG):
+                remote.download(path.name, path)
+            for record in read_milestone_log(local.root):
+                for split in splits:
+                    target = local.maps(record["epoch"], split)
+                    if not map_set_exists(target):
+                        remote.download(target.relative_to(local.root).as_posix(), target)
+
+
+def on_driver_node() -> dict:
+    """Ray task options that keep a task on the driver's node, whose disk holds studies.db and the maps; a
+    node without CPUs (a head kept free of work) runs the tasks without reserving any."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return {"num_cpus": 1 if cpus >= 1 else 0, "scheduling_strategy": strategy}
+
+
+def select(plan: RunPlan, failed: dict[str, str]) -> None:
+    """Run the studies, as Ray tasks on the driver's node, of every group whose categories all finished
+    training (`failed` maps the others to their error), after fetching the training results from an
+    object-store storage."""
+    import ray
+
+    fetch_training_results(plan)
+    path = studies_file(plan.run_dir)
+    open_studies(path)  # creates the schema once, before tasks open it concurrently
+    options = on_driver_node()
+    pending = []
+    for group in plan.groups:
+        if any(c in failed for c in group):
+            continue
+        study_plan = selection_plan(plan, group)
+        if study_plan is None:
+            if not plan.quiet:
+                print(f"[select] {', '.join(group)}: no finished milestone to select from", file=sys.stderr)
+            continue
+        task = ray.remote(**options)(run_study_task).options(name=f"select-{study_plan.name}")
+        pending.append(task.remote(str(path), study_plan))
+    ray.get(pending)
+
+
+def selection_study_names(plan: RunPlan) -> list[str]:
+    """The studies of the run, one per group of `plan.groups`."""
+    scoped = plan.space.scope != "global"
+    return [study_name(plan.space.name, plan.dataset, group[0] if scoped else None) for group in plan.groups]
+
+
+def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
+    """Candidates of a group of categories on `split` (default: the selection split), or None when some
+    category has no finished milestone yet."""
+    from tfsearch.selection import CandidateSet, Config, StudyPlan
+
+    split = split or plan.selection_split
+    allowed = set(plan.space.epoch_choices(plan.milestones))
+    reached = []
+    for category in categories:
+        models = trained_models(plan, category)
+        reached.append({(m, e) for m, epochs in models.items() for e in epochs if e in allowed})
+    checkpoints = sorted(set.intersection(*reached)) if reached else []
+    if not checkpoints:
+        return None
+    candidates = {
+        c: CandidateSet({(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints})
+        for c in categories
+    }
+    model = default_model(plan, categories, {m for m, _ in checkpoints})
+    last = max(e for m, e in checkpoints if m == model)
+    default = Config(model, last, plan.profile.lam, plan.profile.kernel)
+    name = study_name(plan.space.name, plan.dataset, categories[0] if plan.space.scope != "global" else None)
+    return StudyPlan(name, plan.space, candidates, checkpoints, default)
+
+
+def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str:
+    """The profile's own training configuration; when training hyperparameters were searched, the model that
+    scored best at its last milestone with the default (λ, n), as Ray Tune reported it."""
+    if "default" in models or len(models) == 1:
+        return "default" if "default" in models else next(iter(models))
+
+    def score(model: str) -> tuple[int, float]:
+        values = []
+        for category in categories:
+            log = read_milestone_log(plan.train_dir(category, model))
+            if log:
+                value = log[-1][plan.space.metric]
+                values.append(0.0 if value is None or math.isnan(value) else value)
+        last_epoch = min(
+            (read_milestone_log(plan.train_dir(c, model)) or [{"epoch": 0}])[-1]["epoch"] for c in categories
+        )
+        return last_epoch, float(np.mean(values)) if values else 0.0
+
+    return max(sorted(models), key=score)
+
+
+def run_study_task(studies: str, study_plan) -> None:
+    from tfsearch.selection import run_study
+
+    run_study(open_studies(studies), study_plan)

@@ -1,0 +1,187 @@
+"""The worker side of a run: the Ray Tune trainable that trains one category to its last milestone.
+
+It is a plain function of its config (category, training hyperparameters) and the plan's settings; retries,
+placement and restore are Ray Tune's. At each milestone it scores the default (λ, n) on the selection split,
+logs the milestone in the training folder and reports to Tune with the checkpoint folder, which Tune
+persists and hands back on a retry.
+
+With an object-store `--storage` a trial works in a node-local scratch folder (`TrainingFolder`): it first
+downloads what the storage holds of its training run (so a trial continued on another node never retrains a
+milestone) and uploads each milestone (maps, checkpoint, history, then the milestone log) before reporting it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfsearch.atomic import atomic_write_json
+from tfsearch.plan import model_id
+from tfsearch.run_folder import MILESTONE_LOG, now, read_milestone_log
+from tfsearch.spaces import TRAINABLE
+from tfsearch.storage import Location
+from tfsearch.train import TrainDir, TrainJob
+
+# where training trials keep their scratch copy with an object-store --storage (default: the system temp)
+SCRATCH_ENV = "TFSEARCH_SCRATCH"
+
+
+def job_from_settings(settings: dict, category: str, train_params: dict) -> TrainJob:
+    """A category's training job, from the plan's job template and a trial's training hyperparameters."""
+    job = TrainJob.from_dict({**settings["job"], "category": category})
+    return dataclasses.replace(job, profile=job.profile.replace(**train_params)) if train_params else job
+
+
+class TrainingFolder:
+    """The folder a training trial trains in.
+
+    In a storage folder (local or shared) it is the training run itself. With an object store it is a
+    node-local scratch copy: entering fetches what the store holds of the run (job, history, milestone log,
+    the last checkpoint and every milestone not yet logged, with their maps), `publish` uploads a milestone,
+    and the copy is deleted when the trial ends, since all of it was uploaded.
+    """
+
+    def __init__(self, storage: str, category: str, model: str) -> None:
+        location = Location.parse(storage).child("train", category, model)
+        self.remote = None if location.is_local else location
+        if self.remote is None:
+            self.path = location.local_path
+        else:
+            scratch = os.environ.get(SCRATCH_ENV)
+            if scratch:
+                Path(scratch).mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f"tfsearch-{category}-{model}-", dir=scratch))
+
+    def __enter__(self) -> TrainingFolder:
+        if self.remote is not None:
+            self.pull()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.remote is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
+
+    def pull(self) -> None:
+        from tfsearch.train import CHECKPOINT_FILE
+
+        folder = TrainDir(self.path)
+        for path in (folder.job_file, folder.history_file, self.path / MILESTONE_LOG):
+            self.remote.download(self.relative(path), path)
+        stored = self.remote.files("checkpoints")  # "epoch-0040/trainer.pt", ...
+        epochs = sorted(int(f.split("/")[0].split("-")[1]) for f in stored if f.endswith(CHECKPOINT_FILE))
+        if not epochs:
+            return
+        logged = {r["epoch"] for r in read_milestone_log(self.path)}
+        for epoch in sorted({epochs[-1], *(set(epochs) - logged)}):
+            self.remote.download(self.relative(folder.checkpoint(epoch)), folder.checkpoint(epoch))
+            for split in self.remote.folders("maps"):
+                self.remote.download(self.relative(folder.maps(epoch, split)), folder.maps(epoch, split))
+
+    def publish(self, epoch: int) -> None:
+        """Upload milestone `epoch`: maps first, then the checkpoint, history and (last) the milestone log,
+        so that whatever the store holds of a milestone is complete once the log lists it."""
+        if self.remote is None:
+            return
+        folder = TrainDir(self.path)
+        parts = [folder.maps(epoch, split) for split in ("test", "val")]
+        parts += [folder.checkpoint(epoch), folder.job_file, folder.history_file, self.path / MILESTONE_LOG]
+        for part in parts:
+            if part.exists():
+                self.remote.upload(part, self.relative(part))
+
+
+def train_category(config: dict, settings: dict) -> None:
+    """Ray Tune trainable: train one category (one training configuration) to its last milestone.
+
+    At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
+    folder (uploaded to an object-store storage) and reports to Tune with the checkpoint folder, which Tune
+    persists and hands back on a retry.
+    """
+    category = config["category"]
+    train_params = {k: config[k] for k in TRAINABLE if k in config}
+    model = model_id(train_params)
+    with TrainingFolder(settings["storage"], category, model) as folder:
+        train_in_folder(folder, category, train_params, settings)
+
+
+def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, settings: dict) -> None:
+    """The body of `train_category`, once the trial's folder is in place (resumed if it holds a run)."""
+    import ray
+    import torch
+    from ray import tune
+
+    from tfsearch import telemetry
+    from tfsearch.map_cache import read_map_set
+    from tfsearch.metrics import GroundTruth, evaluate, fuse
+    from tfsearch.train import CHECKPOINT_FILE, Runtime, Trainer
+
+    model = model_id(train_params)
+    job = job_from_settings(settings, category, train_params)
+    train_dir = folder.path
+    torch.set_num_threads(max(1, int(settings["cpus"])))
+
+    runtime = Runtime("auto", settings["precision"], progress=False, channels_last=settings["channels_last"])
+    trainer = Trainer(job, train_dir, runtime)
+    trainer.start(resume=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as saved:
+            state = torch.load(Path(saved) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
+        if state["epoch"] > trainer.epoch:
+            trainer.load_state(state)
+    node_id = ray.get_runtime_context().get_node_id()
+    started = now()
+
+    def log_milestone(epoch: int, images_per_second: float, loss: float) -> dict[str, float]:
+        """Score the default (λ, n) on the selection split and record the milestone (keyed by epoch)."""
+        maps = read_map_set(TrainDir(train_dir).maps(epoch, settings["split"]))
+        fused = fuse(maps.m_disc, maps.m_recon, settings["lam"], settings["kernel"])
+        metrics = evaluate(GroundTruth.from_masks(np.asarray(maps.masks)), fused)
+        row = {
+            "category": category,
+            "model": model,
+            "epoch": epoch,
+            "lam": settings["lam"],
+            "kernel": settings["kernel"],
+            "split": settings["split"],
+            **metrics,
+            "node_id": node_id,
+            "started_at": started,
+            "finished_at": now(),
+            "images_per_second": images_per_second,
+            "loss": loss,
+        }
+        log = [r for r in read_milestone_log(train_dir) if r["epoch"] != epoch] + [row]
+        atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))
+        folder.publish(epoch)
+        return metrics
+
+    # milestones that a killed attempt checkpointed but did not get to log
+    logged = {r["epoch"] for r in read_milestone_log(train_dir)}
+    for row in trainer.history:
+        if row["epoch"] in trainer.milestones and row["epoch"] not in logged:
+            log_milestone(row["epoch"], row["images_per_second"], row["loss_total"])
+
+    def report(milestone) -> None:
+        metrics = log_milestone(milestone.epoch, milestone.images_per_second, milestone.loss)
+        value = metrics[settings["metric"]]
+        telemetry.record_milestone(category, milestone.images_per_second)
+        tune.report(
+            {
+                "epoch": milestone.epoch,
+                "selection_value": 0.0 if math.isnan(value) else value,
+                **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+            },
+            checkpoint=tune.Checkpoint.from_directory(str(milestone.checkpoint)),
+        )
+
+    trainer.fit(on_milestone=report)

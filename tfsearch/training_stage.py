@@ -1,0 +1,183 @@
+"""The training stage, on the driver: one Ray Tune trial per (category, training configuration).
+
+Without training hyperparameters one experiment holds a trial per category. With them, each category gets
+its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops poor ones at
+milestones (epochs are the resource), so categories never compete with each other. Tune restores an
+experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a category
+whose trial fails for good is returned as failed, never passed on as if it had finished.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tfsearch.plan import RunPlan, model_id
+from tfsearch.spaces import TRAINABLE
+from tfsearch.studies import open_studies, studies_file, study_name
+from tfsearch.trainable import train_category
+
+
+class ProgressView:
+    """A live console view of the training stage: categories, trials done and running, best so far."""
+
+    def __init__(self, plan: RunPlan, quiet: bool) -> None:
+        self.plan, self.quiet = plan, quiet
+        self.best: dict[str, float] = {}
+        self.done: set[str] = set()
+        self.running: set[str] = set()
+
+    def callback(self):
+        from ray import tune
+
+        from tfsearch import telemetry
+
+        view = self
+
+        class Callback(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                view.running.add(trial.trial_id)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                category = trial.config["category"]
+                value = result.get("selection_value", float("nan"))
+                view.best[category] = max(view.best.get(category, -math.inf), value)
+                telemetry.record_best(category, view.best[category])
+                view.show(f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                view.running.discard(trial.trial_id)
+                view.done.add(trial.trial_id)
+                telemetry.record_trial_finished(trial.config["category"])
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                view.running.discard(trial.trial_id)
+                view.show(f"{trial.config['category']}: trial {trial.trial_id} failed")
+
+        return Callback()
+
+    def show(self, event: str) -> None:
+        if self.quiet:
+            return
+        best = ", ".join(f"{c} {v:.3f}" for c, v in sorted(self.best.items()))
+        print(
+            f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}",
+            flush=True,
+        )
+
+
+def trial_name(trial) -> str:
+    """Names shown by the Ray dashboard and Tune: stage, category and training configuration."""
+    params = {k: trial.config[k] for k in TRAINABLE if k in trial.config}
+    return f"train-{trial.config['category']}-{model_id(params)}"
+
+
+def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
+    """One Tune trial per (category, training configuration); an experiment that exists is restored (the
+    plan reached here only with `--resume`), with this command's retries, W&B mode and progress output.
+
+    Returns the categories whose training failed for good, each with its error.
+    """
+    from ray import tune
+
+    from tfsearch.tracking import tune_callbacks
+
+    settings = plan.trial_settings()
+    resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+    runnable = tune.with_resources(tune.with_parameters(trainable, settings=settings), resources)
+    view = ProgressView(plan, plan.quiet)
+    callbacks = [
+        view.callback(),
+        *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
+    ]
+    failure_config = tune.FailureConfig(max_failures=plan.max_failures)
+    if plan.space.training is None:
+        experiments = {"train": lambda: {"param_space": {"category": tune.grid_search(plan.categories)}}}
+    else:
+        experiments = {f"train-{c}": (lambda c=c: training_search(plan, c)) for c in plan.categories}
+    tune_root = plan.location.child("tune")
+    filesystem = tune_root.filesystem
+    failed: dict[str, str] = {}
+    for name, make in experiments.items():
+        path = tune_root.child(name).path
+        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+            tuner = tune.Tuner.restore(
+                path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+            )
+            # Ray restores the RunConfig it pickled at the start and has no public way to change it: set
+            # the options that may differ on --resume on the restored one
+            run_config = tuner._local_tuner.get_run_config()
+            run_config.failure_config, run_config.callbacks = failure_config, callbacks
+        else:
+            experiment = make()
+            tune_config = tune.TuneConfig(
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name, **experiment.get("tune", {})
+            )
+            run_config = tune.RunConfig(
+                name=name,
+                storage_path=tune_root.path,
+                storage_filesystem=filesystem,
+                failure_config=failure_config,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=callbacks,
+                verbose=0,
+            )
+            tuner = tune.Tuner(
+                runnable,
+                param_space=experiment["param_space"],
+                tune_config=tune_config,
+                run_config=run_config,
+            )
+        for result in tuner.fit():
+            if result.error is not None:
+                category = result.config["category"]
+                failed.setdefault(category, first_line(result.error))
+                if not plan.quiet:
+                    print(f"[train] {category}: training failed for good: {failed[category]}", flush=True)
+    return failed
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one line: Tune wraps a trial's exception, whose own message ends its text."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def tune_domain(param):
+    """A space parameter as a Ray Tune domain (which OptunaSearch turns into an Optuna distribution)."""
+    from ray import tune
+
+    from tfsearch.spaces import Choices, FloatRange, Grid
+
+    if isinstance(param, FloatRange):
+        return tune.loguniform(param.low, param.high) if param.log else tune.uniform(param.low, param.high)
+    if isinstance(param, Choices | Grid):
+        return tune.choice(list(param.values))
+    return param
+
+
+def training_search(plan: RunPlan, category: str) -> dict:
+    """Tuner arguments of one category's training-hyperparameter search (Optuna proposes, ASHA stops)."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = plan.space.training
+    searcher = OptunaSearch(
+        metric="selection_value",
+        mode="max",
+        study_name=f"{study_name(plan.space.name, plan.dataset, category)}/training",
+        storage=open_studies(studies_file(plan.run_dir)),
+        seed=plan.space.seed,
+    )
+    grace = plan.milestones[min(search.grace_period, len(plan.milestones)) - 1]
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        metric="selection_value",
+        mode="max",
+        max_t=plan.milestones[-1],
+        grace_period=grace,
+        reduction_factor=search.reduction_factor,
+    )
+    return {
+        "param_space": {"category": category, **{k: tune_domain(v) for k, v in search.params.items()}},
+        "tune": {"search_alg": searcher, "scheduler": scheduler, "num_samples": search.samples},
+    }
