@@ -117,6 +117,12 @@ def test_launcher_configs_pass_rays_own_checks(provider, monkeypatch):
     # the datasets sit at one path on every node, on the host's disk
     assert any("/data/mvtec" in c for c in config["setup_commands"])
     assert "--volume=/data:/data" in docker["run_options"]
+    # the job the header submits: one GPU per trial, the run storage in the bucket
+    (submitted,) = re.findall(
+        r"ray job submit .*?(?=\n#\s+ray down)", (CLUSTER / f"{provider}.yaml").read_text(), re.S
+    )
+    scheme = {"aws": "s3", "gcp": "gs"}[provider]
+    assert "--gpus-per-trial 1" in submitted and f"--storage {scheme}://YOUR-BUCKET/" in submitted
 
 
 @pytest.mark.parametrize("provider", ["aws", "gcp"])
@@ -148,7 +154,7 @@ def test_launcher_copies_each_dataset_once(provider, tmp_path):
     assert len(list((tmp_path / "data").rglob("*.png"))) == 2
 
 
-def test_aws_nodes_boot_a_named_ami_and_the_head_may_pass_the_workers_role():
+def test_aws_launcher_boots_a_named_ami_and_its_head_may_pass_the_workers_role():
     pytest.importorskip("boto3")
     from ray.autoscaler._private.aws.config import DEFAULT_RAY_IAM_ROLE, DEFAULT_RAY_INSTANCE_PROFILE
 
@@ -179,7 +185,7 @@ def scheduling_errors(scheduling) -> list[str]:
     return [f"scheduling.{k}: {v!r}" for k, v in scheduling.items() if v not in COMPUTE_SCHEDULING.get(k, ())]
 
 
-def test_gcp_workers_are_spot_through_one_scheduling_object_and_wait_for_the_driver():
+def test_gcp_launcher_workers_are_spot_through_one_scheduling_object():
     config = launcher_config("gcp")
     worker = config["available_node_types"]["gpu_worker"]
     assert scheduling_errors(worker["node_config"]["scheduling"]) == []
