@@ -8,9 +8,9 @@ server (moto) as the run storage, and loses a worker mid-run.
 """
 
 import contextlib
-import copy
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -29,46 +29,185 @@ CLUSTER = REPO / "cluster"
 
 
 # ------------------------------------------------------------------------------- cloud launchers
+# Ray's container images, pinned: rayproject/ray:RAY_VERSION-py3MINOR, with -gpu for the CUDA build
+RAY_IMAGE = re.compile(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py3(?P<minor>\d+)(?P<gpu>-gpu)?")
+# the AWS host image: Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04), through its SSM parameter
+DLAMI = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/"
+# fields of the Compute API's Scheduling object (instances.insert) a launcher file may set, with their values
+COMPUTE_SCHEDULING = {
+    "provisioningModel": {"STANDARD", "SPOT"},
+    "instanceTerminationAction": {"DELETE", "STOP"},
+    "onHostMaintenance": {"MIGRATE", "TERMINATE"},
+    "automaticRestart": {True, False},
+    "preemptible": {True, False},
+}
+
+
 def ray_schema() -> dict:
     import ray.autoscaler
 
     return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
+def launcher_config(provider: str) -> dict:
+    return yaml.safe_load((CLUSTER / f"{provider}.yaml").read_text())
+
+
+def pinned_ray_image(image: str) -> tuple[str, int, bool]:
+    """(Ray version, Python 3 minor version, CUDA build) of a pinned Ray image."""
+    match = RAY_IMAGE.fullmatch(image)
+    assert match, f"{image} is not a pinned rayproject/ray:VERSION-py3X[-gpu] image"
+    return match["ray"], int(match["minor"]), match["gpu"] is not None
+
+
+def advertised_resources(node_type: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The CPUs and GPUs that `ray start` on a head of this node type offers to tasks.
+
+    The launcher hands the type's resources to `ray start` in RAY_OVERRIDE_RESOURCES; Ray's own resource
+    spec resolves them (quantities of zero are left out, as in `ray status`).
+    """
+    from ray._private.ray_constants import RESOURCES_ENVIRONMENT_VARIABLE
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    monkeypatch.setenv(RESOURCES_ENVIRONMENT_VARIABLE, json.dumps(node_type["resources"]))
+    resolved = ResourceAndLabelSpec().resolve(is_head=True, node_ip_address="127.0.0.1").to_resource_dict()
+    return {name: amount for name, amount in resolved.items() if name in ("CPU", "GPU")}
+
+
 @pytest.mark.parametrize("provider", ["aws", "gcp"])
-def test_launcher_configs_pass_rays_own_checks(provider):
+def test_launcher_configs_pass_rays_own_checks(provider, monkeypatch):
     jsonschema = pytest.importorskip("jsonschema")
     from ray.autoscaler._private.util import fillout_defaults, validate_config
 
-    config = yaml.safe_load((CLUSTER / f"{provider}.yaml").read_text())
+    config = launcher_config(provider)
     jsonschema.validate(config, ray_schema())
     validate_config(fillout_defaults(config))  # what `ray up` runs before it launches anything
     assert config["provider"]["type"] == provider
 
+    # the head offers trials nothing (the driver and the selection run there); GPU workers from 0 up
     head = config["available_node_types"][config["head_node_type"]]
-    assert head["resources"]["GPU"] == 0  # training trials ask for a GPU: never on the head
+    assert advertised_resources(head, monkeypatch) == {}
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     assert len(workers) == 1 and workers[0]["min_workers"] == 0 and workers[0]["max_workers"] >= 1
+    assert workers[0]["resources"]["GPU"] >= 1 and workers[0]["resources"]["CPU"] >= 4  # --cpus-per-trial 4
+
+    # every command runs in Ray's container: pinned tags, Python >= 3.10, the Ray version setup installs
+    docker = config["docker"]
+    (ray_pin,) = re.findall(r"ray\[[a-z,]+\]==([\d.]+)", " ".join(config["setup_commands"]))
+    for key, cuda in (("head_image", False), ("image", True)):
+        ray_version, python_minor, cuda_build = pinned_ray_image(docker[key])
+        assert (ray_version, cuda_build) == (ray_pin, cuda) and python_minor >= 10, docker[key]
+    assert "--gpus all" in docker["worker_run_options"]
+    assert "sys.version_info >= (3, 10)" in config["setup_commands"][0]  # fails setup loudly otherwise
+
     # CPU torch on the head, CUDA torch (PyPI's default Linux wheel) on the GPU workers, tfsearch after it
     assert any(
         "torch --index-url https://download.pytorch.org/whl/cpu" in c for c in config["head_setup_commands"]
     )
     torch_step, install_step = (
         next(i for i, c in enumerate(config["worker_setup_commands"]) if key in c)
-        for key in ("pip install torch", "pip install -e /home/ubuntu/tfsearch")
+        for key in ("pip install torch", "pip install -e ~/tfsearch")
     )
     assert torch_step < install_step and "index-url" not in config["worker_setup_commands"][torch_step]
-    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
-    # the datasets sit at one path on every node
+    starts = [
+        c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c
+    ]
+    assert len(starts) == 2 and all("--metrics-export-port=8080" in c.split() for c in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0].split()
+    # the datasets sit at one path on every node, on the host's disk
     assert any("/data/mvtec" in c for c in config["setup_commands"])
+    assert "--volume=/data:/data" in docker["run_options"]
+    # the job the header submits: one GPU per trial, the run storage in the bucket
+    (submitted,) = re.findall(
+        r"ray job submit .*?(?=\n#\s+ray down)", (CLUSTER / f"{provider}.yaml").read_text(), re.S
+    )
+    scheme = {"aws": "s3", "gcp": "gs"}[provider]
+    assert "--gpus-per-trial 1" in submitted and f"--storage {scheme}://YOUR-BUCKET/" in submitted
 
 
-def test_the_schema_check_rejects_a_misspelt_key():
+@pytest.mark.parametrize("provider", ["aws", "gcp"])
+def test_launcher_copies_each_dataset_once(provider, tmp_path):
+    bucket = {"aws": "s3", "gcp": "gs"}[provider] + "://YOUR-BUCKET/datasets/"
+    copies = [
+        command.replace(bucket, f"{tmp_path}/bucket/").replace("/data/", f"{tmp_path}/data/")
+        for command in launcher_config(provider)["setup_commands"]
+        if bucket in command
+    ]
+    assert len(copies) == 2  # MVTec AD and VisA
+    for name in ("mvtec_anomaly_detection/bottle/train/good", "visa_pytorch/candle/train/good"):
+        (tmp_path / "bucket" / name).mkdir(parents=True)
+        (tmp_path / "bucket" / name / "000.png").write_text(name)
+    (tmp_path / "data").mkdir()
+    for command in copies:
+        subprocess.run(["bash", "-c", command], check=True, timeout=60)
+    copied = {
+        p.relative_to(tmp_path / "data").as_posix(): p.read_text() for p in (tmp_path / "data").rglob("*.png")
+    }
+    assert copied == {
+        "mvtec/bottle/train/good/000.png": "mvtec_anomaly_detection/bottle/train/good",
+        "visa/candle/train/good/000.png": "visa_pytorch/candle/train/good",
+    }
+    # a second setup (ray up again) copies nothing: the bucket is gone and it still succeeds
+    shutil.rmtree(tmp_path / "bucket")
+    for command in copies:
+        subprocess.run(["bash", "-c", command], check=True, timeout=60)
+    assert len(list((tmp_path / "data").rglob("*.png"))) == 2
+
+
+def test_aws_launcher_boots_a_named_ami_and_its_head_may_pass_the_workers_role():
+    pytest.importorskip("boto3")
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_IAM_ROLE, DEFAULT_RAY_INSTANCE_PROFILE
+
+    text = (CLUSTER / "aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    # an ImageId on every node type: without one Ray falls back to its old default Deep Learning AMI
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["ImageId"].startswith(DLAMI)
+    # the workers get Ray's instance profile; the head (Ray's role) needs iam:PassRole on that role
+    profile = config["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Arn"]
+    account, profile_name = re.fullmatch(r"arn:aws:iam::(.+):instance-profile/(.+)", profile).groups()
+    assert profile_name == DEFAULT_RAY_INSTANCE_PROFILE
+    assert f"aws iam put-role-policy --role-name {DEFAULT_RAY_IAM_ROLE} " in text
+    (policy,) = re.findall(r"^#\s+'(\{.*\})'$", text, flags=re.MULTILINE)
+    assert json.loads(policy)["Statement"] == [
+        {
+            "Effect": "Allow",
+            "Action": "iam:PassRole",
+            "Resource": f"arn:aws:iam::{account}:role/{DEFAULT_RAY_IAM_ROLE}",
+        }
+    ]
+
+
+def scheduling_errors(scheduling) -> list[str]:
+    """What the Compute API would refuse in a node's `scheduling`: it takes one object of known fields."""
+    if not isinstance(scheduling, dict):
+        return [f"scheduling is a {type(scheduling).__name__}, not an object"]
+    return [f"scheduling.{k}: {v!r}" for k, v in scheduling.items() if v not in COMPUTE_SCHEDULING.get(k, ())]
+
+
+def test_gcp_launcher_workers_are_spot_through_one_scheduling_object():
+    config = launcher_config("gcp")
+    worker = config["available_node_types"]["gpu_worker"]
+    assert scheduling_errors(worker["node_config"]["scheduling"]) == []
+    assert worker["node_config"]["scheduling"]["provisioningModel"] == "SPOT"
+    assert scheduling_errors([{"provisioningModel": "SPOT"}]) == ["scheduling is a list, not an object"]
+    assert scheduling_errors({"provisioningModel": "spot"}) == ["scheduling.provisioningModel: 'spot'"]
+    # the worker type's list replaces the global one: the host folders first, then the driver install
+    assert worker["initialization_commands"][0] == config["initialization_commands"][0]
+    assert "nvidia-smi" in worker["initialization_commands"][1]
+
+
+@pytest.mark.parametrize(
+    "path", [("available_node_types", "gpu_worker", "min_worker"), ("docker", "worker_run_option")]
+)
+def test_the_schema_check_rejects_a_misspelt_key(path):
     jsonschema = pytest.importorskip("jsonschema")
-    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
-    broken = copy.deepcopy(config)
-    broken["available_node_types"]["gpu_worker"]["min_worker"] = 0
-    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+    broken = launcher_config("aws")
+    section = broken
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = 0
+    with pytest.raises(jsonschema.ValidationError, match=path[-1]):
         jsonschema.validate(broken, ray_schema())
 
 
@@ -89,6 +228,8 @@ POD_TEMPLATE = {
         "readOnly": None}, "emptyDir": None, "configMap": None, "secret": None}],
         "serviceAccountName": None, "nodeSelector": None, "affinity": None, "restartPolicy": None,
         "tolerations": [{"key": None, "operator": None, "value": None, "effect": None}],
+        "securityContext": {"fsGroup": None, "fsGroupChangePolicy": None, "runAsUser": None,
+                            "runAsGroup": None, "runAsNonRoot": None},
     },
 }  # fmt: skip
 RAY_JOB = {
@@ -114,6 +255,12 @@ RAY_JOB = {
 }  # fmt: skip
 
 
+# the KubeRay release that added each RayJob field the manifest may use; the others exist since 1.0
+RAY_JOB_FIELDS_SINCE = {"submissionMode": (1, 1), "activeDeadlineSeconds": (1, 1), "backoffLimit": (1, 2)}
+# Ray's images run as the user ray: uid 1000, group users (gid 100)
+IMAGE_GID = 100
+
+
 def unknown_fields(value, allowed, where: str = "") -> list[str]:
     """Paths of the keys in `value` that `allowed` does not list."""
     if allowed is None:
@@ -129,21 +276,39 @@ def unknown_fields(value, allowed, where: str = "") -> list[str]:
     return found
 
 
+def writable_claims(pod_spec: dict) -> list[str]:
+    """The persistent volume claims a pod mounts for writing."""
+    return [
+        volume["name"]
+        for volume in pod_spec["volumes"]
+        if "persistentVolumeClaim" in volume and not volume["persistentVolumeClaim"].get("readOnly")
+    ]
+
+
 def test_kuberay_rayjob_uses_known_fields_and_runs_the_search():
-    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    text = (CLUSTER / "kuberay-rayjob.yaml").read_text()
+    job = yaml.safe_load(text)
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert unknown_fields(job, RAY_JOB) == []
     assert unknown_fields({"spec": {"surprise": 1}}, RAY_JOB) == [".spec.surprise"]  # the check bites
+    # the header names a KubeRay release that has every field used
+    named = tuple(int(n) for n in re.search(r"KubeRay >= (\d+)\.(\d+)", text.splitlines()[0]).groups())
+    assert named >= max(RAY_JOB_FIELDS_SINCE.get(field, (1, 0)) for field in job["spec"]) == (1, 2)
 
     entrypoint = job["spec"]["entrypoint"]
-    for flag in ("tfsearch run", "--space per_class", "--dataset mvtec", "--address auto", "--storage s3://"):
+    for flag in ("tfsearch run", "--space per_class", "--dataset mvtec", "--address auto", "--storage s3://",
+                 "--gpus-per-trial 1"):  # fmt: skip
         assert flag in entrypoint
     assert "--resume" in entrypoint and "config.json" in entrypoint  # a resubmitted job continues the run
     cluster = job["spec"]["rayClusterSpec"]
-    assert all(isinstance(v, str) for v in cluster["headGroupSpec"]["rayStartParams"].values())
-    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_group, (gpu_group,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    for group in (head_group, gpu_group):
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    # the head offers trials nothing (the driver and the selection run there)
+    assert (head_group["rayStartParams"]["num-cpus"], head_group["rayStartParams"]["num-gpus"]) == ("0", "0")
+    head = head_group["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
-    (gpu_group,) = cluster["workerGroupSpecs"]
     assert (
         gpu_group["minReplicas"] == 0 and gpu_group["maxReplicas"] >= 1 and cluster["enableInTreeAutoscaling"]
     )
@@ -151,6 +316,22 @@ def test_kuberay_rayjob_uses_known_fields_and_runs_the_search():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1
     mounts = {m["mountPath"] for m in worker["volumeMounts"]}
     assert "/data" in mounts and "--data-root /data/mvtec" in entrypoint
+    # the head writes the run folder to a claimed volume: the pod gives it the image's group (uid 1000 writes)
+    head_spec, worker_spec = (group["template"]["spec"] for group in (head_group, gpu_group))
+    assert writable_claims(head_spec) == ["runs"] and writable_claims(worker_spec) == []
+    assert head_spec["securityContext"]["fsGroup"] == IMAGE_GID
+
+
+def test_kuberay_image_is_rays_pinned_image_at_the_clusters_version():
+    manifest = (CLUSTER / "kuberay-rayjob.yaml").read_text()
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    ray_version = yaml.safe_load(manifest)["spec"]["rayClusterSpec"]["rayVersion"]
+    # the GPU workers' image is the Dockerfile's default; the CPU head's a build argument named in both files
+    (gpu_base,) = re.findall(r"^ARG BASE=(\S+)$", dockerfile, flags=re.MULTILINE)
+    (cpu_base,) = set(re.findall(r"--build-arg BASE=(\S+)", dockerfile + manifest))
+    for image, cuda in ((gpu_base, True), (cpu_base, False)):
+        version, python_minor, cuda_build = pinned_ray_image(image)
+        assert (version, cuda_build) == (ray_version, cuda) and python_minor >= 10, image
 
 
 # ----------------------------------------------------------------------------------------- SLURM
@@ -212,12 +393,15 @@ def test_slurm_script_starts_the_cluster_then_runs_and_resumes(tmp_path):
     result, calls = run_sbatch(tmp_path, **settings)
     assert result.returncode == 0, result.stderr
     head = next(c for c in calls if c.startswith("ray@node1 "))
+    # the first node is a GPU node like the others: it keeps its CPUs and GPUs for trials
     for flag in ("--head", "--block", "--node-ip-address=10.0.0.1", "--port=6379", "--num-gpus=4",
-                 "--num-cpus=32", "--dashboard-host=127.0.0.1", "--temp-dir=/tmp/ray-42"):  # fmt: skip
+                 "--num-cpus=32", "--dashboard-host=127.0.0.1", "--metrics-export-port=8080",
+                 "--temp-dir=/tmp/ray-42"):  # fmt: skip
         assert flag in head.split()
     for node in ("node2", "node3"):
-        worker = next(c for c in calls if c.startswith(f"ray@{node} "))
-        assert "--address=10.0.0.1:6379" in worker.split() and "--head" not in worker.split()
+        worker = next(c for c in calls if c.startswith(f"ray@{node} ")).split()
+        assert "--address=10.0.0.1:6379" in worker and "--metrics-export-port=8080" in worker
+        assert "--head" not in worker
     # it waits for the head, then for all three nodes, before the search starts
     waits = [c for c in calls if c.startswith("python3 ")]
     assert waits == ["python3 - 10.0.0.1:6379 1", "python3 - 10.0.0.1:6379 3"]
@@ -226,7 +410,7 @@ def test_slurm_script_starts_the_cluster_then_runs_and_resumes(tmp_path):
     expected = (
         f"tfsearch run --space per_class --dataset mvtec --data-root /shared/data/mvtec --runs-root "
         f"{tmp_path}/runs --name per_class-mvtec --address 10.0.0.1:6379 --storage /shared/tfsearch "
-        "--cpus-per-trial 8 --categories bottle"
+        "--gpus-per-trial 1 --cpus-per-trial 8 --categories bottle"
     )
     assert run == expected
 
