@@ -7,9 +7,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
 from test_search import TINY, read_rows, run_args, write_space
 
 from tfsearch.cli import build_parser, main
@@ -215,3 +217,54 @@ def test_the_report_imports_neither_torch_nor_the_search():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
     )
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------- resources
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+
+
+def test_a_paper_plan_asks_for_a_gpu_that_is_not_visible_yet(demo_dataset_root):
+    # with --address the cluster may add GPU workers later: the demand must reach its autoscaler
+    common = ("run", "--dataset", "demo", "--data-root", str(demo_dataset_root), "--address", "10.0.0.1:6379")
+    plan = plan_from(*common, "--profile", "paper")
+    assert (plan.profile.name, plan.gpus_per_trial) == ("paper", 1.0)
+    assert plan_from(*common, "--profile", "cpu").gpus_per_trial == 0.0
+    assert plan_from(*common, "--profile", "paper", "--gpus-per-trial", "0.25").gpus_per_trial == 0.25
+    assert plan_from(*common, "--profile", "paper", "--gpus-per-trial", "0").gpus_per_trial == 0.0
+
+
+@no_cuda
+def test_on_a_machine_without_gpu_a_paper_run_stops_and_a_bare_run_is_quick(
+    demo_dataset_root, tmp_path, capsys
+):
+    base = ["run", "--dataset", "demo", "--data-root", str(demo_dataset_root), "--runs-root", str(tmp_path)]
+    assert main([*base, "--profile", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "the 'paper' profile asks each trial for 1 GPU and this machine has none" in err
+    assert "--profile cpu" in err and "--gpus-per-trial 0" in err
+    assert not any(tmp_path.iterdir())  # stopped before anything was written
+
+    plan = plan_from(*base)
+    assert (plan.profile.name, plan.gpus_per_trial) == ("cpu", 0.0)
+    assert "no GPU on this machine: the demo runs the quick profile 'cpu'" in capsys.readouterr().out
+    assert plan_from(*base, "--profile", "paper", "--gpus-per-trial", "0").profile.name == "paper"
+
+
+def test_a_trial_holding_a_gpu_without_cuda_says_so_and_refuses_the_paper_profile(monkeypatch):
+    import ray
+
+    from tfsearch.config import PROFILES
+    from tfsearch.trainable import check_device
+
+    context = SimpleNamespace(get_accelerator_ids=lambda: {"GPU": ["0"]})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    paper, quick = SimpleNamespace(profile=PROFILES["paper"]), SimpleNamespace(profile=PROFILES["cpu"])
+    with pytest.raises(
+        InputError, match="holds GPU 0 but torch sees no CUDA.*refusing.*'paper'.*--allow-cpu"
+    ):
+        check_device(paper, allow_cpu=False)
+    assert check_device(paper, allow_cpu=True) == " (on the CPU: GPU held without CUDA)"
+    assert check_device(quick, allow_cpu=False) == " (on the CPU: GPU held without CUDA)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert check_device(paper, allow_cpu=False) == ""

@@ -72,6 +72,12 @@ class Profile:
         return dataclasses.asdict(self)
 
 
+# profiles meant for GPUs: a run asks one GPU per trial for them by default, visible or not, so that an
+# autoscaling cluster sees the demand
+GPU_PROFILES = frozenset({"paper"})
+# the profile a run falls back to on the demo when this machine has no GPU and no profile was given
+QUICK_PROFILE = "cpu"
+
 PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper"),
     "cpu": Profile(

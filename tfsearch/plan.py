@@ -11,9 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tfsearch import data as datasets
 from tfsearch.atomic import atomic_write_json
-from tfsearch.config import Profile
+from tfsearch.config import GPU_PROFILES, QUICK_PROFILE, Profile
 from tfsearch.errors import InputError
 from tfsearch.run_folder import CONFIG_FILE
 from tfsearch.spaces import Space, load_space
@@ -51,6 +53,7 @@ class RunPlan:
     restrict_to_foreground: bool = True
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
+    allow_cpu: bool = False  # a GPU profile may train where a trial's node has no CUDA
     # not part of the plan's identity: may change on --resume
     max_failures: int = 2
     quiet: bool = False
@@ -142,6 +145,7 @@ class RunPlan:
             "kernel": self.profile.kernel,
             "protocol": self.select_on,
             "cpus": self.cpus_per_trial,
+            "allow_cpu": self.allow_cpu,
             "precision": self.precision,
             "channels_last": self.channels_last,
         }
@@ -173,12 +177,41 @@ def make_plan(args) -> RunPlan:
     if args.val_root is not None and args.select_on != "val":
         raise InputError("--val-root only applies with --select-on val")
     folders = {key: input_folder(flag, getattr(args, key)) for key, flag in INPUT_FOLDER_FLAGS.items()}
-    profile = space.resolve_profile(args.profile)
+    local_cuda = None if args.address else torch.cuda.is_available()  # a cluster may add GPUs later
+    profile_name = args.profile
+    if (
+        profile_name is None
+        and args.dataset == "demo"
+        and local_cuda is False
+        and space.profile in GPU_PROFILES
+    ):
+        profile_name = QUICK_PROFILE
+        if not args.quiet:
+            print(
+                f"[run] no GPU on this machine: the demo runs the quick profile {QUICK_PROFILE!r} instead of"
+                f" the space's {space.profile!r} (--profile {space.profile} to insist)",
+                flush=True,
+            )
+    profile = space.resolve_profile(profile_name)
     if args.epochs:
         profile = profile.with_epochs(args.epochs)
     categories = datasets.resolve_categories(
         args.dataset, folders["data_root"], args.category, args.categories
     )
+    gpus_per_trial = args.gpus_per_trial
+    if gpus_per_trial is None:
+        gpus_per_trial = 1.0 if profile.name in GPU_PROFILES else 0.0
+    if gpus_per_trial < 0:
+        raise InputError(
+            f"--gpus-per-trial {gpus_per_trial}: expected 0 (CPU), a fraction or a count of GPUs"
+        )
+    if gpus_per_trial > 0 and local_cuda is False:
+        raise InputError(
+            f"the {profile.name!r} profile asks each trial for {gpus_per_trial:g} GPU and this machine has"
+            f" none (no --address): use the quick profile (--profile {QUICK_PROFILE}), or --gpus-per-trial 0"
+            " to train on the CPU (the paper profile takes days per category there), or --address to join"
+            " a cluster with GPUs"
+        )
     name = args.name or f"{space.name}-{args.dataset}"
     run_dir = Path(args.runs_root).expanduser().resolve() / name
     location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
@@ -193,7 +226,8 @@ def make_plan(args) -> RunPlan:
         milestones=space.resolve_milestones(profile),
         select_on=args.select_on,
         restrict_to_foreground=not args.no_foreground,
-        gpus_per_trial=args.gpus_per_trial if args.gpus_per_trial is not None else 0.0,
+        gpus_per_trial=gpus_per_trial,
+        allow_cpu=args.allow_cpu,
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
         quiet=args.quiet,

@@ -62,13 +62,13 @@ def connect(address: str | None, quiet: bool) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {k: os.environ[k] for k in ("WANDB_MODE",) if k in os.environ}}
+    # trial output (one line per trial and milestone) reaches this console and `ray job logs`
+    logs = {"runtime_env": env, "log_to_driver": not quiet}
     if address:
         check_reachable(address)
-        context = ray.init(address=address, runtime_env=env, log_to_driver=False)
+        context = ray.init(address=address, **logs)
     else:
-        context = ray.init(
-            include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=False
-        )
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **logs)
     url = getattr(context, "dashboard_url", None)
     if url and not quiet:
         print(f"Ray dashboard: http://{url}", flush=True)
@@ -81,12 +81,8 @@ def execute(
     """The whole run: training, selection, tables, report, publishing. Returns the rows of `selected.csv`;
     raises InputError naming every category whose training failed for good (after the tables and the
     report, which show them as failed)."""
-    import ray
-
     start_run(plan, resume)
     connect(address, plan.quiet)
-    if plan.gpus_per_trial == 0 and ray.cluster_resources().get("GPU", 0) > 0:
-        plan.gpus_per_trial = 1.0
     started = time.perf_counter()
     failed = run_training(plan, trainable)
     trained = time.perf_counter()
@@ -144,7 +140,17 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-foreground", action="store_true", help="anomalies anywhere on object categories"
     )
-    parser.add_argument("--gpus-per-trial", type=float, help="GPUs per training trial (default: 1 if any)")
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per training trial; 0 trains on CPUs (default: 1 for the paper profile, visible or not,"
+        " so an autoscaler sees the demand; 0 for the quick profile)",
+    )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="let the paper profile train where a trial's node holds a GPU resource but has no CUDA",
+    )
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failing training trial")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")

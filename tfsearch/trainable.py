@@ -128,6 +128,7 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
     job = job_from_settings(settings, category, train_params)
     train_dir = folder.path
     torch.set_num_threads(max(1, int(settings["cpus"])))
+    device_note = check_device(job, settings["allow_cpu"])
 
     runtime = Runtime("auto", settings["precision"], progress=False, channels_last=settings["channels_last"])
     trainer = Trainer(job, train_dir, runtime)
@@ -175,8 +176,15 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
         metrics = log_milestone(milestone.epoch, milestone.images_per_second, milestone.loss)
         value = metrics[settings["metric"]]
         telemetry.record_milestone(category, milestone.images_per_second)
+        print(
+            f"[train] {category} {model} epoch {milestone.epoch}/{job.profile.epochs}:"
+            f" loss {milestone.loss:.4f}, {milestone.images_per_second:.1f} img/s,"
+            f" {settings['metric']} {value:.4f}{device_note}",
+            flush=True,
+        )
         tune.report(
             {
+                "device_note": device_note.strip(" ()"),
                 "epoch": milestone.epoch,
                 "selection_value": 0.0 if math.isnan(value) else value,
                 **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
@@ -185,3 +193,25 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
         )
 
     trainer.fit(on_milestone=report)
+
+
+def check_device(job: TrainJob, allow_cpu: bool) -> str:
+    """A trial that holds a GPU where torch sees no CUDA (a node without drivers, or logical GPUs) trains on
+    the CPU: said in its log and progress lines, and refused for a GPU profile unless `--allow-cpu`.
+    Returns the note its progress lines carry ("" when the trial runs where it was placed)."""
+    import ray
+    import torch
+
+    from tfsearch.config import GPU_PROFILES
+    from tfsearch.errors import InputError
+
+    held = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    if not held or torch.cuda.is_available():
+        return ""
+    message = f"this trial holds GPU {', '.join(map(str, held))} but torch sees no CUDA on its node"
+    if job.profile.name in GPU_PROFILES and not allow_cpu:
+        raise InputError(
+            f"{message}: refusing to train the {job.profile.name!r} profile on the CPU (--allow-cpu)"
+        )
+    print(f"[train] warning: {message}; training on the CPU", flush=True)
+    return " (on the CPU: GPU held without CUDA)"

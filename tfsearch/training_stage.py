@@ -42,7 +42,10 @@ class ProgressView:
                 value = result.get("selection_value", float("nan"))
                 view.best[category] = max(view.best.get(category, -math.inf), value)
                 telemetry.record_best(category, view.best[category])
-                view.show(f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}")
+                note = f" ({result['device_note']})" if result.get("device_note") else ""
+                view.show(
+                    f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}{note}"
+                )
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 view.running.discard(trial.trial_id)
@@ -63,6 +66,18 @@ class ProgressView:
             f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}",
             flush=True,
         )
+
+
+def retry_budget(max_failures: int):
+    """A Tune callback that gives every trial of a restored experiment this command's `--max-failures`."""
+    from ray import tune
+
+    class RetryBudget(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            for trial in trials:
+                trial.max_failures = max_failures
+
+    return RetryBudget()
 
 
 def trial_name(trial) -> str:
@@ -103,10 +118,11 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
             tuner = tune.Tuner.restore(
                 path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
             )
-            # Ray restores the RunConfig it pickled at the start and has no public way to change it: set
-            # the options that may differ on --resume on the restored one
+            # Ray restores the RunConfig it pickled at the start, and each trial keeps the retry budget it
+            # was created with; neither has a public setter: set what may differ on --resume
             run_config = tuner._local_tuner.get_run_config()
-            run_config.failure_config, run_config.callbacks = failure_config, callbacks
+            run_config.failure_config = failure_config
+            run_config.callbacks = [*callbacks, retry_budget(plan.max_failures)]
         else:
             experiment = make()
             tune_config = tune.TuneConfig(
