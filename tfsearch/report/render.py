@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Callable
 
 import pandas as pd
 from pandas.io.formats.style import Styler
@@ -18,20 +17,18 @@ LATEX_SCALE_ABOVE = 8
 _LATEX_SYMBOLS = {"λ": r"$\lambda$", "Δ": r"$\Delta$", "−": "--"}
 
 
-def _formatter(table: Table, paper_digits: bool = True) -> dict:
-    """Column formats; NaN cells stay empty. Paper tables have one decimal everywhere, Δ signed."""
-    if table.paper and paper_digits:
-        return dict.fromkeys(table.frame.columns, "{:.1f}")
+def _formatter(table: Table) -> dict:
+    """The formats of the table's numeric columns (the others are text)."""
     return {c: f for c, f in table.formats.items() if c in table.frame.columns}
 
 
 def _text_frame(table: Table) -> pd.DataFrame:
-    """Every cell as the text the documents show."""
+    """Every cell as the text the documents show; NaN as an empty cell."""
     frame = table.frame.astype(object).copy()
     for column, spec in _formatter(table).items():
         frame[column] = [("" if pd.isna(v) else spec.format(v)) for v in table.frame[column]]
-    if table.paper and "Δ" in frame.index:
-        frame.loc["Δ"] = [("" if pd.isna(v) else f"{v:+.1f}") for v in table.frame.loc["Δ"]]
+    for row, spec in table.row_formats.items():
+        frame.loc[row] = [("" if pd.isna(v) else spec.format(v)) for v in table.frame.loc[row]]
     return frame.fillna("")
 
 
@@ -63,8 +60,8 @@ def table_markdown(table: Table) -> str:
 
 def _styler(table: Table, bold_props: str) -> Styler:
     styler = table.frame.style.format(_formatter(table), na_rep="")
-    if table.paper and "Δ" in table.frame.index:
-        styler = styler.format("{:+.1f}", subset=pd.IndexSlice[["Δ"], :], na_rep="")
+    for row, spec in table.row_formats.items():
+        styler = styler.format(spec, subset=pd.IndexSlice[[row], :], na_rep="")
     if table.best_rows:
         styler = styler.highlight_max(
             axis=0, subset=pd.IndexSlice[list(table.best_rows), :], props=bold_props
@@ -154,14 +151,13 @@ def html_document(
     tables: list[Table],
     figures: dict[str, str],
     figure_png: dict[str, bytes],
-    section_id: Callable[[str], str] = lambda heading: heading.lower().replace(" ", "-"),
 ) -> str:
     body = []
     for heading, lines in sections:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         css = " class='missing'" if heading == "Missing" else ""
-        title = f"<h2>{html.escape(heading)}</h2>"
-        body.append(f"<section{css} id='{section_id(heading)}'>{title}<ul>{items}</ul></section>")
+        anchor = re.sub(r"[^a-z0-9]+", "-", heading.lower())
+        body.append(f"<section{css} id='{anchor}'><h2>{html.escape(heading)}</h2><ul>{items}</ul></section>")
     body.append("<h2>Tables</h2>" + "".join(table_html(t) for t in tables) + "<h2>Figures</h2>")
     body += [
         f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"

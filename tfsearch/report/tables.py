@@ -63,9 +63,10 @@ class Table:
     frame: pd.DataFrame
     formats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # a paper table: one decimal in every output, also written as LaTeX, the best of `best_rows` bold
+    # a paper table: rounded as shown also in its CSV, written as LaTeX too, the best of `best_rows` bold
     paper: bool = False
     best_rows: tuple[str, ...] = ()
+    row_formats: dict = field(default_factory=dict)  # rows formatted otherwise than their columns (Δ)
 
 
 @dataclass
@@ -151,7 +152,8 @@ def paper_table(
         notes += compare.notes
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*columns, AVERAGE])
     formats = dict.fromkeys(frame.columns, "{:.1f}")
-    return Table(key, title, frame, formats, notes, paper=True, best_rows=best_rows)
+    delta = {DELTA: "{:+.1f}"} if DELTA in frame.index else {}
+    return Table(key, title, frame, formats, notes, paper=True, best_rows=best_rows, row_formats=delta)
 
 
 def _comparison_rows(
@@ -270,9 +272,8 @@ def wide_table(
 ) -> Table:
     """Categories as rows (ours in the supplement's order) and a mean row; per metric our column, then each
     published source and, where like for like, its Δ. `lead`: configuration columns; `ours`: points."""
-    categories = _ordered(list(ours.index), published, None)
-    owner = published.published_dataset(run.dataset, categories)
-    order = _ordered(categories, published, owner)
+    owner = published.published_dataset(run.dataset, list(ours.index))
+    order = _ordered(list(ours.index), published, owner)
     mean_label = f"mean ({len(order)})"
     columns: dict[tuple[str, str], list] = {("", c): [*lead.loc[order, c], None] for c in lead.columns}
     formats: dict = {}
