@@ -180,16 +180,16 @@ def write_report(
     files = ["report.md", "report.html", *sorted(str(p.relative_to(out)) for p in written)]
     files += ["wandb/"] if wandb != "disabled" else []
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    sections = [
+    before = [
         ("Runs", [f"Generated {generated} by `tfsearch report`.", *map(_run_summary, runs)]),
         *([("Missing", report.missing)] if report.missing else []),
-        ("Weights & Biases", [wandb_note]),
-        ("Files", files),
     ]
+    after = [("Weights & Biases", [wandb_note]), ("Files", files)]
     captions = _captions(report)
-    atomic_write_text(out / "report.md", markdown_document(TITLE, sections, report.tables, captions))
+    atomic_write_text(out / "report.md", markdown_document(TITLE, before, report.tables, captions, after))
     png = {name: path.read_bytes() for name, path in figure_paths.items()}
-    atomic_write_text(out / "report.html", html_document(TITLE, sections, report.tables, captions, png))
+    page = html_document(TITLE, before, report.tables, captions, after, png)
+    atomic_write_text(out / "report.html", page)
     say(f"[report] {len(report.tables)} tables, {len(figure_paths)} figures: {out / 'report.html'}")
     say(f"[report] {wandb_note}")
     return out

@@ -167,7 +167,7 @@ def sensitivity_figure(curves: list[Curve], axis: Axis) -> Figure:
     figure = Figure(figsize=(7.0, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    for curve in curves:
+    for index, curve in enumerate(curves):
         (line,) = ax.plot(curve.x, curve.y, marker=".", markersize=5, linewidth=1.6, label=curve.label)
         best = int(np.argmax(curve.y))
         ax.plot(curve.x[best], curve.y[best], "o", markersize=9, color=line.get_color())
@@ -175,16 +175,15 @@ def sensitivity_figure(curves: list[Curve], axis: Axis) -> Figure:
             f"{curve.y[best]:.1f}",
             (curve.x[best], curve.y[best]),
             textcoords="offset points",
-            xytext=(0, 8),
+            xytext=(0, 8 + 11 * index),  # stacked, so that coinciding maxima stay readable
             ha="center",
             fontsize=8,
             color=line.get_color(),
         )
-    for default in sorted({c.default for c in curves}):
-        ax.axvline(default, color="0.6", linestyle=":", linewidth=1)
+        ax.axvline(curve.default, color=line.get_color(), linestyle=":", linewidth=1, alpha=0.7)
     if axis.key == "kernel":
         ax.set_xticks(list(KERNELS))
-    ax.set_xlabel(axis.label + "  (dotted: the default)")
+    ax.set_xlabel(axis.label + "  (dotted: each line's default)")
     ax.set_ylabel("mean image AUROC (%)")
     ax.set_title(f"Sensitivity to {axis.symbol} (dot: each line's maximum)", fontsize=11)
     ax.grid(alpha=0.3)

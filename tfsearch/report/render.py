@@ -132,32 +132,48 @@ figcaption{font-size:12px;color:#555}
 """
 
 
+Sections = list[tuple[str, list[str]]]  # (heading, bullet lines)
+
+
 def markdown_document(
-    title: str, sections: list[tuple[str, list[str]]], tables: list[Table], figures: dict[str, str]
+    title: str, before: Sections, tables: list[Table], figures: dict[str, str], after: Sections
 ) -> str:
-    """`sections`: (heading, bullet lines) before the tables; `figures`: name -> caption."""
-    parts = [f"# {title}", ""]
-    for heading, lines in sections:
-        parts += [f"## {heading}", ""] + [f"- {line}" for line in lines] + [""]
-    parts += ["## Tables", ""] + [table_markdown(t) for t in tables] + ["## Figures", ""]
+    """`before` and `after` the tables and figures; `figures`: name -> caption."""
+
+    def bullets(sections: Sections) -> list[str]:
+        return [
+            text
+            for heading, lines in sections
+            for text in (f"## {heading}", "", *(f"- {x}" for x in lines), "")
+        ]
+
+    parts = [f"# {title}", "", *bullets(before), "## Tables", ""] + [table_markdown(t) for t in tables]
+    parts += ["## Figures", ""]
     for name, text in figures.items():
         parts += [f"![{name}](figures/{name}.png)", "", text, ""]
-    return "\n".join(parts)
+    return "\n".join(parts + bullets(after))
 
 
-def html_document(
-    title: str,
-    sections: list[tuple[str, list[str]]],
-    tables: list[Table],
-    figures: dict[str, str],
-    figure_png: dict[str, bytes],
-) -> str:
-    body = []
+def _html_sections(sections: Sections) -> list[str]:
+    out = []
     for heading, lines in sections:
         items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
         css = " class='missing'" if heading == "Missing" else ""
         anchor = re.sub(r"[^a-z0-9]+", "-", heading.lower())
-        body.append(f"<section{css} id='{anchor}'><h2>{html.escape(heading)}</h2><ul>{items}</ul></section>")
+        out.append(f"<section{css} id='{anchor}'><h2>{html.escape(heading)}</h2><ul>{items}</ul></section>")
+    return out
+
+
+def html_document(
+    title: str,
+    before: Sections,
+    tables: list[Table],
+    figures: dict[str, str],
+    after: Sections,
+    figure_png: dict[str, bytes],
+) -> str:
+    """Self-contained: the figures are embedded as data URIs."""
+    body = _html_sections(before)
     body.append("<h2>Tables</h2>" + "".join(table_html(t) for t in tables) + "<h2>Figures</h2>")
     body += [
         f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
@@ -168,5 +184,5 @@ def html_document(
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{''.join(body)}</body></html>\n"
+        f"<h1>{html.escape(title)}</h1>{''.join(body + _html_sections(after))}</body></html>\n"
     )
