@@ -65,8 +65,8 @@ class Curve:
     @property
     def label(self) -> str:
         other = "n" if self.axis == "lam" else "λ"
-        count = len(self.categories)
-        return f"{self.dataset}: {self.run} (epoch {self.epoch}, {other} {self.fixed:g}, {count} categories)"
+        count = f"{len(self.categories)} categor{'y' if len(self.categories) == 1 else 'ies'}"
+        return f"{self.dataset}: {self.run} (epoch {self.epoch}, {other} {self.fixed:g}, {count})"
 
 
 def image_auroc_grid(

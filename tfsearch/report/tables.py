@@ -115,16 +115,17 @@ def paper_table(
     key: str,
     title: str,
     run: RunResults,
-    ours: pd.Series,
+    column: str,
     protocol: str,
-    metric: str,
     published: PublishedNumbers,
-    compare: Comparability,
+    compare_anyway: bool,
     comparison: list[dict],
     notes: list[str],
 ) -> Table:
-    """One metric, categories as columns in the supplement's order plus Average; our row, the supplement's
-    row beneath it and the Δ row where like for like. `ours`: points by category."""
+    """One metric (selected.csv's `column`, e.g. default_test_aupro) with the categories as columns in the
+    supplement's order plus Average; our row, the supplement's row beneath it and Δ where like for like."""
+    metric = column.split("_test_", 1)[1]
+    ours = _points(run.selected.set_index("category")[column])
     owner = published.published_dataset(run.dataset, list(ours.index))
     columns = _ordered(list(ours.index), published, owner)
     ours_label = f"ours ({run.name})"
@@ -133,6 +134,7 @@ def paper_table(
     source = published.supplement_table(owner, protocol, metric) if owner else None
     best_rows: tuple[str, ...] = ()
     if source:
+        title += f" (as {source})"
         by_key = published.values(owner, protocol, metric, source)
         values = [by_key.get(normalise(c), math.nan) for c in columns]
         average, how = published_mean(published, owner, columns, protocol, metric, source)
@@ -144,11 +146,12 @@ def paper_table(
                 "incomplete": f"{source}: no Average (it lacks some of our categories).",
             }.get(how, f"{source}: the Average is the {how}, over the same categories as ours.")
         )
+        compare = comparability(run, protocol, compare_anyway)
         if compare.delta:
             rows[DELTA] = [a - b for a, b in zip(rows[ours_label], rows[source], strict=True)]
-            comparison += _comparison_rows(
-                key, run.dataset, protocol, metric, source, columns, rows, ours_label
-            )
+            labels = [*columns, f"mean ({len(columns)})"]
+            pairs = {"ours": rows[ours_label], "published": rows[source], "delta": rows[DELTA]}
+            comparison += _comparison_rows(key, run.dataset, protocol, metric, source, labels, pairs)
         notes += compare.notes
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*columns, AVERAGE])
     formats = dict.fromkeys(frame.columns, "{:.1f}")
@@ -157,17 +160,15 @@ def paper_table(
 
 
 def _comparison_rows(
-    key: str, dataset: str, protocol: str, metric: str, source: str, columns: list[str], rows: dict,
-    ours_label: str,
-) -> list[dict]:  # fmt: skip
-    labels = [*columns, f"mean ({len(columns)})"]
-    paired = zip(labels, rows[ours_label], rows[source], rows[DELTA], strict=True)
+    key: str, dataset: str, protocol: str, metric: str, source: str, labels: list[str], pairs: dict
+) -> list[dict]:
+    """The rows of published_comparison.csv: `pairs` holds the lists `ours`, `published` and `delta`."""
+    common = {"table": key, "dataset": dataset, "protocol": protocol, "metric": metric, "source": source}
     return [
-        {"table": key, "dataset": dataset, "protocol": protocol, "category": label, "metric": metric,
-         "ours": ours, "published": theirs, "delta": delta, "source": source}
-        for label, ours, theirs, delta in paired
+        {**common, "category": label, "ours": ours, "published": theirs, "delta": delta}
+        for label, ours, theirs, delta in zip(labels, *pairs.values(), strict=True)
         if not math.isnan(theirs)
-    ]  # fmt: skip
+    ]
 
 
 def _default_run(runs: list[RunResults], dataset: str) -> RunResults | None:
@@ -212,49 +213,25 @@ def paper_tables(
     tables = []
     for dataset in dict.fromkeys(run.dataset for run in runs):
         default = _default_run(runs, dataset)
+        tuned, tuned_notes = tuned_run(runs, dataset)
+        specs = []
         if default is not None:
-            frame = default.selected.set_index("category")
-            owner = published.published_dataset(dataset, list(frame.index))
-            name = (published.supplement_table(owner, SINGLE_CONFIG, "aupro") or "") if owner else ""
-            tables.append(
-                paper_table(
-                    f"paper_aupro_{dataset}",
-                    f"{dataset}: AUPRO of the single configuration (test set){_as(name)}",
-                    default,
-                    _points(frame["default_test_aupro"]),
-                    SINGLE_CONFIG,
-                    "aupro",
-                    published,
-                    comparability(default, SINGLE_CONFIG, compare_anyway),
-                    comparison,
-                    [_default_note(default)],
-                )
+            title = f"{dataset}: AUPRO of the single configuration (test set)"
+            specs.append(
+                ("aupro", title, default, "default_test_aupro", SINGLE_CONFIG, [_default_note(default)])
             )
-        tuned, notes = tuned_run(runs, dataset)
         if tuned is not None:
-            frame = tuned.selected.set_index("category")
-            owner = published.published_dataset(dataset, list(frame.index))
-            name = (published.supplement_table(owner, PER_CLASS_EPOCHS, "image_auroc") or "") if owner else ""
-            tables.append(
-                paper_table(
-                    f"paper_image_auroc_{dataset}",
-                    f"{dataset}: image AUROC tuned per class, selected on the "
-                    f"{PROTOCOL_LABELS.get(tuned.select_on, tuned.select_on)} split{_as(name)}",
-                    tuned,
-                    _points(frame["selected_test_image_auroc"]),
-                    PER_CLASS_EPOCHS,
-                    "image_auroc",
-                    published,
-                    comparability(tuned, PER_CLASS_EPOCHS, compare_anyway),
-                    comparison,
-                    notes,
-                )
+            on = PROTOCOL_LABELS.get(tuned.select_on, tuned.select_on)
+            title = f"{dataset}: image AUROC tuned per class, selected on the {on} split"
+            specs.append(
+                ("image_auroc", title, tuned, "selected_test_image_auroc", PER_CLASS_EPOCHS, tuned_notes)
             )
+        tables += [
+            paper_table(f"paper_{metric}_{dataset}", title, run, column, protocol, published, compare_anyway,
+                        comparison, notes)
+            for metric, title, run, column, protocol, notes in specs
+        ]  # fmt: skip
     return tables
-
-
-def _as(table_name: str) -> str:
-    return f" (as {table_name})" if table_name else ""
 
 
 # -------------------------------------------------------------------------------------------- wide tables
@@ -298,12 +275,9 @@ def wide_table(
                 delta = [a - b for a, b in zip(values, theirs, strict=True)]
                 columns[(group, f"{DELTA} {short_source(source)}")] = delta
                 formats[(group, f"{DELTA} {short_source(source)}")] = "{:+.2f}"
-                comparison += [
-                    {"table": key, "dataset": run.dataset, "protocol": protocol, "category": label,
-                     "metric": metric, "ours": a, "published": b, "delta": d, "source": source}
-                    for label, a, b, d in zip([*order, mean_label], values, theirs, delta, strict=True)
-                    if not math.isnan(b)
-                ]  # fmt: skip
+                pairs = {"ours": values, "published": theirs, "delta": delta}
+                labels = [*order, mean_label]
+                comparison += _comparison_rows(key, run.dataset, protocol, metric, source, labels, pairs)
     frame = pd.DataFrame(columns, index=pd.Index([*order, mean_label], name="category"))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     for column, kind in (("epoch", "{:.0f}"), ("n", "{:.0f}"), ("λ", "{:.3f}")):
