@@ -347,7 +347,14 @@ def test_protocols_side_by_side_and_importance(tmp_path):
     # the validation run's tuned table has the published column but no Δ (selected on another split)
     tuned = read_csv(out / "tables" / "tuned_val.csv")
     assert "image AUROC supp. Table 3" in tuned[0] and not any("Δ" in c for c in tuned[0])
-    assert "it selected on the validation split" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "it selected on the validation split" in markdown
+    assert "oracle − val measures the oracle protocol's optimism." in markdown
+    # a test-selected run of another space is still paired, and the note says what the difference mixes
+    other = make_run(tmp_path, "epochs", "visa", ["candle", "pcb1"], space="per_class_epochs", seed=3)
+    out = report.write_report([val, other], out=tmp_path / "mixed", wandb="disabled", quiet=True)
+    assert (out / "tables" / "protocols_visa.csv").is_file()
+    assert "mixed with the difference of the two spaces" in (out / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------------------------- figures

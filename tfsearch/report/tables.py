@@ -364,11 +364,10 @@ def protocol_tables(runs: list[RunResults]) -> list[Table]:
     for dataset in dict.fromkeys(run.dataset for run in runs):
         searched = [r for r in runs if r.dataset == dataset and r.searched and len(r.selected)]
         val = next((r for r in searched if r.select_on == "val"), None)
-        test = next(
-            (r for r in searched if r.select_on == "test" and (val is None or r.space == val.space)), None
-        )
-        if val is None or test is None:
+        tests = [r for r in searched if r.select_on == "test"]
+        if val is None or not tests:
             continue
+        test = next((r for r in tests if r.space == val.space), tests[0])  # the same space where given
         metric = val.config.get("selection", {}).get("metric", "image_auroc")
         by_val, by_test = val.selected.set_index("category"), test.selected.set_index("category")
         categories = [c for c in by_val.index if c in by_test.index]
@@ -389,9 +388,11 @@ def protocol_tables(runs: list[RunResults]) -> list[Table]:
                 frame,
                 dict.fromkeys(frame.columns, "{:.2f}") | {"oracle − val": "{:+.2f}"},
                 [
-                    f"default: the default configuration of run {test.name}; val-selected: chosen on the "
-                    f"validation split by run {val.name}; oracle-selected: chosen on the test set by run "
-                    f"{test.name} (space {test.space}). oracle − val measures the oracle protocol's optimism."
+                    f"default: the default configuration of run {test.name}; val-selected: chosen on the"
+                    f" validation split by run {val.name} (space {val.space}); oracle-selected: chosen on the"
+                    f" test set by run {test.name} (space {test.space}). oracle − val measures the oracle"
+                    " protocol's optimism"
+                    + ("." if test.space == val.space else ", mixed with the difference of the two spaces.")
                 ],
             )
         )
