@@ -198,3 +198,129 @@ def test_missing_maps_folder_is_an_input_error(layout, capsys: pytest.CaptureFix
     (maps_root / "empty").mkdir()
     code, _, err = score(capsys, "--dataset-root", str(dataset_root), "--maps", str(maps_root / "empty"))
     assert code == 2 and "has no category folder" in err
+
+
+# ------------------------------------------------------------------------------ native resolution (MVTec)
+HEIGHT, WIDTH = 10, 14  # non-square, as VisA's images are
+
+
+def mvtec_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
+    """MVTec AD's AUPRO from its definition, threshold by threshold: at every distinct score t, the FPR over
+    normal pixels and the mean over all defect regions (8-connected, per image) of the fraction ≥ t; the PRO
+    curve from (0, 0) integrated with the trapezoid rule to FPR `limit` (interpolated there), over `limit`."""
+    from scipy import ndimage
+
+    regions = []
+    for image_map, mask in zip(maps, masks, strict=True):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [image_map[labels == k] for k in range(1, count + 1)]
+    normal = maps[~masks]
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        points.append(((normal >= t).mean(), np.mean([(r >= t).mean() for r in regions])))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += 0.5 * (y0 + y1) * (x1 - x0)
+    return area / limit
+
+
+def write_non_square(root: Path, rng: np.random.Generator) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """bottle with HEIGHT×WIDTH images: 3 good, 4 cracked (two blobs in one); returns (id, map, mask)."""
+    written = []
+    write_png(root / "bottle" / "train" / "good" / "000.png", np.zeros((HEIGHT, WIDTH, 3), np.uint8))
+    for index in range(7):
+        defect = "good" if index < 3 else "crack"
+        stem = f"{index:03d}"
+        write_png(root / "bottle" / "test" / defect / f"{stem}.png", np.zeros((HEIGHT, WIDTH, 3), np.uint8))
+        mask = np.zeros((HEIGHT, WIDTH), dtype=bool)
+        if defect == "crack":
+            y, x = rng.integers(0, HEIGHT - 3), rng.integers(0, WIDTH - 4)
+            mask[y : y + 3, x : x + 4] = True
+            if index == 6:
+                mask[0, WIDTH - 1] = True  # a one-pixel region
+            write_png(
+                root / "bottle" / "ground_truth" / defect / f"{stem}_mask.png", mask.astype(np.uint8) * 255
+            )
+        values = (rng.random((HEIGHT, WIDTH)) + 0.6 * mask).astype(np.float32)
+        written.append((f"test/{defect}/{stem}", values, mask))
+    return written
+
+
+def test_native_size_on_non_square_maps_equals_mvtec_aupro(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(7)
+    dataset_root = tmp_path / "mvtec"
+    written = write_non_square(dataset_root, rng)
+    for image_id, values, _ in written:
+        write_map(tmp_path / "maps" / "bottle" / f"{image_id}.tiff", values)
+    code, out, err = score(
+        capsys, "--dataset-root", str(dataset_root), "--maps", str(tmp_path / "maps"), "--json"
+    )
+    assert code == 0 and err == ""  # nothing resized, no 8-bit map
+    bottle = json.loads(out)["categories"]["bottle"]
+    maps = np.stack([values for _, values, _ in written])
+    masks = np.stack([mask for _, _, mask in written])
+    assert bottle["shape"] == [HEIGHT, WIDTH] and bottle["resized"] == 0
+    assert bottle["aupro"] == pytest.approx(mvtec_aupro(maps, masks), abs=1e-12)
+    assert bottle["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert bottle["image_auroc"] == pytest.approx(
+        roc_auc_score(masks.any(axis=(1, 2)), maps.max(axis=(1, 2)))
+    )
+    # --size 256 keeps TransFusion's protocol: maps and masks resized to 256×256
+    code, out, _ = score(
+        capsys,
+        "--dataset-root",
+        str(dataset_root),
+        "--maps",
+        str(tmp_path / "maps"),
+        "--size",
+        "256",
+        "--json",
+    )
+    samples = load_category("mvtec", dataset_root, "bottle").test
+    by_id = {image_id: values for image_id, values, _ in written}
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(by_id[s.image_id]).resize((256, 256), Image.Resampling.BILINEAR))
+            for s in samples
+        ]
+    )
+    expected = evaluate(GroundTruth.from_masks(load_masks(samples, 256)), resized)["aupro"]
+    assert json.loads(out)["categories"]["bottle"]["aupro"] == pytest.approx(expected, abs=1e-12)
+    assert expected != pytest.approx(bottle["aupro"], abs=1e-6)
+
+
+def test_maps_at_another_shape_are_resized_to_the_masks_and_said(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(8)
+    dataset_root = tmp_path / "mvtec"
+    written = write_non_square(dataset_root, rng)
+    levels = {image_id: 0.1 * index for index, (image_id, _, _) in enumerate(written)}
+    for image_id, value in levels.items():  # constant maps stay constant under any bilinear resize
+        write_map(tmp_path / "maps" / "bottle" / f"{image_id}.tiff", np.full((20, 28), value, np.float32))
+    code, out, err = score(
+        capsys, "--dataset-root", str(dataset_root), "--maps", str(tmp_path / "maps"), "--json"
+    )
+    assert code == 0
+    assert f"bottle: 7 of 7 maps resized (bilinear) to their masks' size {HEIGHT}x{WIDTH}" in err
+    assert json.loads(out)["categories"]["bottle"]["image_auroc"] == 1.0  # the cracked images score highest
+
+
+def test_eight_bit_png_maps_give_a_warning(layout, capsys) -> None:
+    dataset_root, maps_root, _ = layout
+    code, out, err = score(capsys, "--dataset-root", str(dataset_root), "--maps", str(maps_root))
+    assert code == 0 and "scored at each mask's own size" in out
+    assert "warning: bottle: 1 maps are 8-bit images (256 levels): many pixels tie" in err
+
+
+def test_a_category_of_mixed_image_sizes_needs_size(tmp_path: Path, capsys) -> None:
+    dataset_root = write_dataset(tmp_path / "mvtec")
+    write_png(dataset_root / "bottle" / "test" / "good" / "001.png", np.zeros((8, 8, 3), np.uint8))
+    write_maps(tmp_path / "maps", dataset_root)
+    args = ["--dataset-root", str(dataset_root), "--maps", str(tmp_path / "maps"), "--category", "bottle"]
+    code, _, err = score(capsys, *args)
+    assert code == 2 and "test images have different sizes" in err and "--size N" in err
+    assert score(capsys, *args, "--size", "16")[0] == 0

@@ -356,12 +356,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_mask(path: Path | None, size: int) -> np.ndarray:
-    """bool (size, size). Non-zero pixels are defects (raw VisA uses 1, 2, ...): they are set to 255, resized
-    bilinearly, then `> 0.5` on the 0-255 scale (method.md §8), so any interpolated non-zero value counts.
+def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
+    """bool (size, size), or (height, width) for a pair. Non-zero pixels are defects (raw VisA uses 1, 2,
+    ...): they are set to 255, resized bilinearly, then `> 0.5` on the 0-255 scale (method.md §8), so any
+    interpolated non-zero value counts. A mask already at the asked shape is not resampled.
     """
+    height, width = (size, size) if isinstance(size, int) else size
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     try:
         with Image.open(path) as image:
             image.load()
@@ -369,8 +371,8 @@ def load_mask(path: Path | None, size: int) -> np.ndarray:
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read mask {path}: {exc}") from exc
     mask = Image.fromarray(defect.astype(np.uint8) * 255)
-    if mask.size != (size, size):
-        mask = mask.resize((size, size), Image.Resampling.BILINEAR)
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(mask) > 0.5
 
 

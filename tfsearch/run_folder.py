@@ -11,6 +11,7 @@ A run folder (`--runs-root`/NAME) holds:
                     when the run folder is on shared storage
     trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
     selected.csv    per category: the default configuration's and the selected configuration's metrics
+    importance.csv  how much each hyperparameter matters (written by the spaces that measure it)
     train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train)
     tune/           Ray Tune's experiment state, which `--resume` restores
 """
@@ -32,7 +33,11 @@ TRIALS_FILE = "trials.csv"
 SELECTED_FILE = "selected.csv"
 # each training run's log of finished milestones (one row per milestone; see the trainable)
 MILESTONE_LOG = "milestones.json"
+IMPORTANCE_FILE = "importance.csv"
 RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE)
+TRAIN_FOLDER = "train"
+# the training configuration of the profile itself (other ids name searched training hyperparameters)
+DEFAULT_MODEL = "default"
 
 TRIAL_COLUMNS = (
     "dataset",
@@ -68,6 +73,12 @@ SELECTED_COLUMNS = (
     "status",  # ok | failed (training failed for good; nothing is selected)
     "error",
 )
+IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
+
+
+def maps_folder(train_dir: Path, epoch: int, split: str = "test") -> Path:
+    """The map cache (tfsearch.map_cache) of one milestone and split inside a training run's folder."""
+    return Path(train_dir) / "maps" / split / f"epoch-{epoch:04d}"
 
 
 def now() -> str:

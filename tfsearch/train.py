@@ -35,6 +35,7 @@ from tfsearch.config import PROFILES, Profile, get_profile
 from tfsearch.errors import InputError
 from tfsearch.inference import anomaly_maps, to_signed
 from tfsearch.map_cache import MapSet, map_set_exists, write_map_set
+from tfsearch.run_folder import maps_folder
 from tfsearch.synthesis import AnomalySynthesizer, foreground_masks, load_texture_bank, rotate
 from tfsearch.transparency import TransparencyProcess, training_loss
 from tfsearch.unet import TransFusionUNet
@@ -138,7 +139,7 @@ class TrainDir:
         return self.root / "checkpoints" / f"epoch-{epoch:04d}"
 
     def maps(self, epoch: int, split: str = "test") -> Path:
-        return self.root / "maps" / split / f"epoch-{epoch:04d}"
+        return maps_folder(self.root, epoch, split)
 
     def checkpoint_epochs(self) -> list[int]:
         folder = self.root / "checkpoints"

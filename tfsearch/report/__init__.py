@@ -1,0 +1,244 @@
+"""`tfsearch report`: the supplement's tables and figures from finished runs, beside the published numbers.
+
+From one or more run folders (`tfsearch run` writes them) it builds, per dataset:
+
+1. the paper tables: AUPRO of the single configuration (supplementary Tables 1-2) and image AUROC tuned per
+   class (Tables 3-4; from a `per_class_epochs` run when one is given), in the supplement's shape;
+2. wide tables with every metric, one column per published source and its Δ (extra outputs);
+3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
+4. each run's `importance.csv`, and the last training milestone of every training run;
+5. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
+
+It writes, under `--out` (default: FIRST_RUN_DIR/report):
+
+    report.md, report.html     everything in one document (the HTML embeds its figures)
+    tables/KEY.csv, KEY.md     each table; paper tables also as KEY.tex (booktabs, fits the text width)
+    tables/published_comparison.csv   every (ours, published, Δ) pair with its source
+    figures/NAME.png, NAME.svg, NAME.csv   each figure and its points
+    wandb/                     the W&B summary run (offline by default; SYNC.txt says how to upload it)
+
+The package imports neither torch nor Ray nor the search: it reads run folders through `tfsearch.run_folder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tfsearch.atomic import atomic_write, atomic_write_text
+from tfsearch.errors import InputError
+from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
+from tfsearch.report.published import PublishedNumbers
+from tfsearch.report.render import (
+    comparison_csv,
+    html_document,
+    markdown_document,
+    table_csv,
+    table_latex,
+    table_markdown,
+)
+from tfsearch.report.runs import RunResults, load_run
+from tfsearch.report.tables import (
+    COMPARISON_COLUMNS,
+    PROTOCOL_LABELS,
+    REPORT_METRICS,
+    Table,
+    importance_tables,
+    paper_tables,
+    protocol_tables,
+    training_table,
+    wide_tables,
+)
+from tfsearch.report.wandb_summary import log_to_wandb
+from tfsearch.storage import local_run_dir
+from tfsearch.tracking import WANDB_MODES, check_mode
+
+TITLE = "TransFusion search report"
+
+
+@dataclass
+class Report:
+    runs: list[RunResults]
+    tables: list[Table]
+    comparison: list[dict]
+    curves: dict[str, list[Curve]]  # axis -> one curve per dataset
+    missing: list[str]
+
+
+def build_report(
+    runs: list[RunResults], published: PublishedNumbers | None = None, compare_anyway: bool = False
+) -> Report:
+    published = published or PublishedNumbers()
+    comparison: list[dict] = []
+    tables = paper_tables(runs, published, comparison, compare_anyway)
+    tables += wide_tables(runs, published, comparison, compare_anyway)
+    tables += protocol_tables(runs) + importance_tables(runs)
+    training = training_table(runs)
+    tables += [training] if training else []
+    curves, notes = sensitivity_curves(runs)
+    missing = [note for run in runs for note in run.missing] + notes
+    return Report(runs, tables, comparison, curves, missing)
+
+
+def _run_summary(run: RunResults) -> str:
+    profile = run.config["profile"]
+    return (
+        f"{run.name} — {run.path}: dataset {run.dataset} ({len(run.categories)} categories), space "
+        f"{run.space} (scope {run.scope}), profile {profile.get('name', '?')}, {profile.get('epochs', '?')}"
+        f" epochs, image size {profile.get('image_size', '?')}, milestones {run.config.get('milestones')},"
+        f" selected on {PROTOCOL_LABELS.get(run.select_on, run.select_on)}"
+    )
+
+
+def _captions(report: Report) -> dict[str, str]:
+    return {
+        axis.figure: caption(axis, report.curves[key]) for key, axis in AXES.items() if report.curves[key]
+    }
+
+
+# ------------------------------------------------------------------------------------------------- write
+def _remove_stale(folder: Path, keep: set[Path], suffixes: tuple[str, ...]) -> None:
+    """Drop what an earlier report left in our own folders and this one did not write (a figure that no
+    longer has data, a renamed run's table), so that the folder matches the report."""
+    for path in folder.glob("*"):
+        if path.suffix in suffixes and path not in keep:
+            path.unlink()
+
+
+def write_tables(report: Report, folder: Path) -> set[Path]:
+    """Each table as CSV and Markdown (paper tables also as LaTeX), plus the (ours, published) list."""
+    written = set()
+    for table in report.tables:
+        outputs = {".csv": table_csv(table), ".md": table_markdown(table)}
+        outputs |= {".tex": table_latex(table)} if table.paper else {}
+        for suffix, text in outputs.items():
+            written.add(folder / f"{table.key}{suffix}")
+            atomic_write_text(folder / f"{table.key}{suffix}", text)
+    comparison = folder / "published_comparison.csv"
+    atomic_write_text(comparison, comparison_csv(report.comparison, COMPARISON_COLUMNS))
+    written.add(comparison)
+    _remove_stale(folder, written, (".csv", ".tex", ".md"))
+    return written
+
+
+def write_figures(report: Report, folder: Path) -> dict[str, Path]:
+    """Each sensitivity figure as PNG and SVG, its points as CSV; returns the PNG of each."""
+    png = {}
+    for key, axis in AXES.items():
+        if not report.curves[key]:
+            continue
+        figure = sensitivity_figure(report.curves[key], axis)
+        for fmt in ("png", "svg"):
+            path = folder / f"{axis.figure}.{fmt}"
+            atomic_write(path, lambda handle, f=figure, fmt=fmt: f.savefig(handle, format=fmt, dpi=150))
+        atomic_write_text(folder / f"{axis.figure}.csv", curves_frame(report.curves[key]).to_csv(index=False))
+        png[axis.figure] = folder / f"{axis.figure}.png"
+    if folder.is_dir():
+        keep = {path.with_suffix(suffix) for path in png.values() for suffix in (".png", ".svg", ".csv")}
+        _remove_stale(folder, keep, (".png", ".svg", ".csv"))
+    return png
+
+
+def write_report(
+    run_dirs: list[Path | str],
+    out: Path | None = None,
+    wandb: str = "offline",
+    project: str | None = None,
+    entity: str | None = None,
+    quiet: bool = False,
+    compare_anyway: bool = False,
+) -> Path:
+    """Write every table, figure and document of the runs into `out` (default: FIRST_RUN_DIR/report)."""
+    if not run_dirs:
+        raise InputError("tfsearch report: expected at least one RUN_DIR")
+    check_mode(wandb, project)
+    local = [local_run_dir(str(d)) for d in run_dirs]  # a run on an object store is fetched first
+    runs = [load_run(d) for d in local]
+    out = Path(out) if out is not None else local[0] / "report"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    say: Callable[[str], None] = (lambda _: None) if quiet else (lambda m: print(m, flush=True))
+    report = build_report(runs, compare_anyway=compare_anyway)
+    for note in report.missing:
+        say(f"[report] missing: {note}")
+    written = write_tables(report, out / "tables")
+    figure_paths = write_figures(report, out / "figures")
+    written |= {p.with_suffix(s) for p in figure_paths.values() for s in (".png", ".svg", ".csv")}
+    wandb_note = log_to_wandb(
+        report.tables,
+        [r.name for r in runs],
+        [r.path for r in runs],
+        out,
+        figure_paths,
+        wandb,
+        project,
+        entity,
+    )
+    files = ["report.md", "report.html", *sorted(str(p.relative_to(out)) for p in written)]
+    files += ["wandb/"] if wandb != "disabled" else []
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    before = [
+        ("Runs", [f"Generated {generated} by `tfsearch report`.", *map(_run_summary, runs)]),
+        *([("Missing", report.missing)] if report.missing else []),
+    ]
+    after = [("Weights & Biases", [wandb_note]), ("Files", files)]
+    captions = _captions(report)
+    atomic_write_text(out / "report.md", markdown_document(TITLE, before, report.tables, captions, after))
+    png = {name: path.read_bytes() for name, path in figure_paths.items()}
+    page = html_document(TITLE, before, report.tables, captions, after, png)
+    atomic_write_text(out / "report.html", page)
+    say(f"[report] {len(report.tables)} tables, {len(figure_paths)} figures: {out / 'report.html'}")
+    say(f"[report] {wandb_note}")
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="the supplement's tables and figures from run folders, beside the published numbers"
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders of `tfsearch run`, or their --storage URIs",
+    )
+    parser.add_argument("--out", type=Path, help="output folder (default: FIRST_RUN_DIR/report)")
+    parser.add_argument(
+        "--compare-anyway",
+        action="store_true",
+        help="show Δ against the published numbers also for runs not trained or selected like the paper",
+    )
+    parser.add_argument(
+        "--wandb", choices=WANDB_MODES, default="offline", help="W&B summary run (default: offline)"
+    )
+    parser.add_argument("--wandb-project", help="W&B project (needed with --wandb online)")
+    parser.add_argument("--wandb-entity", help="W&B entity (team)")
+    parser.add_argument("--quiet", action="store_true", help="no console output")
+    parser.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    write_report(
+        args.run_dirs,
+        out=args.out,
+        wandb=args.wandb,
+        project=args.wandb_project,
+        entity=args.wandb_entity,
+        quiet=args.quiet,
+        compare_anyway=args.compare_anyway,
+    )
+    return 0
+
+
+__all__ = [
+    "REPORT_METRICS",
+    "PublishedNumbers",
+    "Report",
+    "build_report",
+    "load_run",
+    "register",
+    "write_report",
+]

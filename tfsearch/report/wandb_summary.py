@@ -1,0 +1,104 @@
+"""The report's W&B run: every table and figure in one run (offline by default), and a W&B Report laid out
+from them when the optional package `wandb-workspaces` is installed and the run is online."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tfsearch.report.render import flat_columns
+from tfsearch.report.tables import Table
+from tfsearch.tracking import DEFAULT_PROJECT, check_mode, sync_command, write_sync_note
+
+
+def _wandb_table(table: Table):
+    import wandb
+
+    frame = table.frame.reset_index() if table.paper or table.frame.index.name else table.frame.copy()
+    frame.columns = flat_columns(frame.columns)
+    frame = frame.astype(object).where(pd.notna(frame), None)
+    return wandb.Table(columns=[str(c) for c in frame.columns], data=frame.values.tolist())
+
+
+def log_to_wandb(
+    tables: list[Table],
+    run_names: list[str],
+    run_dirs: list[Path],
+    out: Path,
+    figure_paths: dict[str, Path],
+    mode: str,
+    project: str | None,
+    entity: str | None,
+) -> str:
+    """One W&B run holding every table and figure; returns what happened, for the console and the report."""
+    check_mode(mode, project)
+    if mode == "disabled":
+        return "W&B: disabled (--wandb disabled)."
+    import wandb
+
+    project = project or DEFAULT_PROJECT
+    with wandb.init(
+        project=project,
+        entity=entity,
+        mode=mode,
+        dir=str(out.resolve()),
+        name="report-" + "+".join(run_names),
+        job_type="report",
+        config={"runs": run_names, "run_dirs": [str(d.resolve()) for d in run_dirs]},
+        settings=wandb.Settings(console="off", silent=True),
+    ) as run:
+        run.log(
+            {f"tables/{t.key}": _wandb_table(t) for t in tables}
+            | {f"figures/{name}": wandb.Image(str(path)) for name, path in figure_paths.items()}
+        )
+        for table in (t for t in tables if t.paper):
+            run.summary[f"{table.key}/average"] = float(table.frame.iloc[0]["Average"])
+        run_url = run.url if mode == "online" else None
+    if mode == "offline":
+        write_sync_note(out, "The report's tables and figures")
+        return (
+            f"W&B: offline run written under {out.resolve() / 'wandb'}; upload it with"
+            f" `{sync_command(out)}`. The W&B Report (wandb-workspaces) needs the network: skipped offline;"
+            " rerun with --wandb online."
+        )
+    return f"W&B: run {run_url}. " + create_wandb_report(
+        tables, project, entity, run_names, list(figure_paths)
+    )
+
+
+def create_wandb_report(
+    tables: list[Table], project: str, entity: str | None, names: list[str], figures: list[str]
+) -> str:
+    """Lay the tables and figures out in a W&B Report (needs the optional package wandb-workspaces)."""
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        return "W&B Report skipped: wandb-workspaces is not installed (pip install wandb-workspaces)."
+    runset = wr.Runset(entity=entity or "", project=project, name="report", query="report-" + "+".join(names))
+    blocks = [wr.H1(text="TransFusion search report"), wr.P(text="Runs: " + ", ".join(names))]
+    for table in tables:
+        blocks += [
+            wr.H2(text=table.title),
+            wr.PanelGrid(
+                runsets=[runset], panels=[wr.WeavePanelSummaryTable(table_name=f"tables/{table.key}")]
+            ),
+            wr.P(text=" ".join(table.notes)),
+        ]
+    if figures:
+        blocks += [
+            wr.H2(text="Sensitivity"),
+            wr.PanelGrid(
+                runsets=[runset], panels=[wr.MediaBrowser(media_keys=[f"figures/{n}" for n in figures])]
+            ),
+        ]
+    try:
+        saved = wr.Report(
+            project=project,
+            entity=entity or "",
+            title="TransFusion search report: " + ", ".join(names),
+            blocks=blocks,
+        ).save()
+    except Exception as exc:  # network, login or API errors: the run itself is already logged
+        return f"W&B Report not created: {type(exc).__name__}: {exc}"
+    return f"W&B Report: {getattr(saved, 'url', 'saved')}"
