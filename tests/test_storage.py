@@ -168,6 +168,8 @@ def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, r
         assert f"maps/test/epoch-{epoch}/meta.json" in training
     assert {"job.json", "history.csv", "milestones.json"} <= set(training)
     assert store.folders("tune") == ["train"]
+    # and the results the run folder wrote last: the studies and the report
+    assert {"studies.db", "report/report.md", "report/report.html"} <= set(store.files())
     assert not (root / "s3" / "train").exists() and (root / "s3" / "cache" / "train" / "stripes").is_dir()
 
     # `tfsearch report` reads a run from its URI through a local copy of the tables
