@@ -347,6 +347,7 @@ def run_prediction(
         results = (predict_encoded(detector, read_batch(batch)) for batch in batches)
     rows = []
     bar = tqdm(total=len(images), unit="img", desc=f"predict {category}", disable=not runtime.progress)
+    started = time.perf_counter()
     for batch, predictions in zip(batches, results, strict=True):
         for image, prediction in zip(batch, predictions, strict=True):
             map_path = out / MAPS_DIR / category / f"{image.name}.tiff"
@@ -362,6 +363,7 @@ def run_prediction(
                 }
             )
         bar.update(len(batch))
+        bar.set_postfix_str(f"{len(rows) / (time.perf_counter() - started):.2f} images/s")
     bar.close()
     write_csv(out / SCORES_FILE, SCORE_COLUMNS, rows)
     return rows
@@ -383,7 +385,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, help="images per batch (default: the profile's inference batch)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
     parser.add_argument("--address", help="fan the batches out to a Ray cluster (HOST:PORT or auto)")
-    parser.add_argument("--workers", type=int, help="with --address: models to load (default: one per GPU)")
+    parser.add_argument(
+        "--workers", type=int, help="with --address: models to load (default: one per GPU, else per node)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_predict)
 
