@@ -64,3 +64,39 @@ def inspect_offline_run(folder: Path) -> dict:
         check=True,
     )
     return json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------------------------ S3 (moto)
+BUCKET = "tfsearch-test"
+# moto accepts any credentials; without the metadata lookup disabled the AWS SDK would query an EC2 address
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def s3_uri(endpoint: str, path: str) -> str:
+    return f"s3://{path}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 holding an empty bucket; yields its HOST:PORT and stops it after.
+    Tests that use it are skipped without moto[server] (the dev extra)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
+    boto3 = pytest.importorskip("boto3")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in CREDENTIALS.items():
+            patch.setenv(key, value)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"{host}:{port}"
+            client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            yield endpoint
+        finally:
+            server.stop()

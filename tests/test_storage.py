@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import BUCKET, CREDENTIALS, s3_uri
 from test_search import comparable, read_rows, run_args, write_space
 
 from tfsearch.cli import main
@@ -19,39 +19,7 @@ from tfsearch.errors import InputError
 from tfsearch.map_cache import MapSet, read_map_set, write_map_set
 from tfsearch.storage import Location, local_run_dir
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
-boto3 = pytest.importorskip("boto3")
-
-BUCKET = "tfsearch-test"
-# moto accepts any credentials; without the metadata lookup disabled the AWS SDK would query an EC2 address
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def s3_uri(endpoint: str, path: str) -> str:
-    return f"s3://{path}?endpoint_override={endpoint}&scheme=http"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on 127.0.0.1 holding an empty bucket; yields its HOST:PORT and stops it after."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in CREDENTIALS.items():
-            patch.setenv(key, value)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"{host}:{port}"
-            client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint
-        finally:
-            server.stop()
+pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
 
 
 def closed_port() -> int:

@@ -16,6 +16,8 @@ COMMAND_MODULES = (
     "tfsearch.spaces",
     "tfsearch.train",
     "tfsearch.evaluate",
+    "tfsearch.export",
+    "tfsearch.detector",
     "tfsearch.score",
     "tfsearch.demo",
     "tfsearch.report",

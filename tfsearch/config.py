@@ -71,6 +71,12 @@ class Profile:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> Profile:
+        """The inverse of `to_dict` (JSON lists become tuples); a named built-in profile is the base."""
+        base = PROFILES.get(fields.get("name", ""), cls(name="custom"))
+        return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
 
 # profiles meant for GPUs: a run asks one GPU per trial for them by default, visible or not, so that an
 # autoscaling cluster sees the demand

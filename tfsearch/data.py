@@ -341,7 +341,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from exc
     if rgb.size != (size, size):
@@ -349,7 +349,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as training sees it: 16-bit grey scaled to 8 bits (not clipped), every other mode converted."""
     if image.mode in _SIXTEEN_BIT_MODES:
         gray = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")

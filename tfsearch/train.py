@@ -87,15 +87,10 @@ class TrainJob:
 
     @classmethod
     def from_dict(cls, payload: dict) -> TrainJob:
-        profile_fields = dict(payload["profile"])
-        base = PROFILES.get(profile_fields.get("name", ""), Profile(name="custom"))
-        profile = base.replace(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in profile_fields.items()}
-        )
         return cls(
             dataset=payload["dataset"],
             category=payload["category"],
-            profile=profile,
+            profile=Profile.from_dict(payload["profile"]),
             data_root=Path(payload["data_root"]) if payload["data_root"] else None,
             milestones=tuple(payload["milestones"]),
             texture_root=Path(payload["texture_root"]) if payload["texture_root"] else None,
