@@ -61,6 +61,8 @@ from tfsearch.storage import Location, run_location
 from tfsearch.train import PRECISIONS, TrainDir, TrainJob
 
 PROTOCOLS = ("test", "val")
+# what settles a tie at the best selection value with --select-on val: a continuous metric on the val masks
+VALIDATION_TIE_BREAK = "pixel_ap"
 # the run's tables copied to an object-store --storage at the end
 STORED_TABLES = (*RUN_TABLES, "studies.db")
 # where training trials keep their scratch copy with an object-store --storage (default: the system temp)
@@ -583,15 +585,19 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
     checkpoints = sorted(set.intersection(*reached)) if reached else []
     if not checkpoints:
         return None
+    kernels = plan.space.values("kernel", plan.profile.kernel)
     candidates = {
-        c: CandidateSet({(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints})
+        c: CandidateSet(
+            {(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints}, kernels
+        )
         for c in categories
     }
     model = default_model(plan, categories, {m for m, _ in checkpoints})
     last = max(e for m, e in checkpoints if m == model)
     default = Config(model, last, plan.profile.lam, plan.profile.kernel)
     name = study_name(plan, categories[0] if plan.space.scope != "global" else None)
-    return StudyPlan(name, plan.space, candidates, checkpoints, default)
+    tie_break = VALIDATION_TIE_BREAK if plan.select_on == "val" else None
+    return StudyPlan(name, plan.space, candidates, checkpoints, default, tie_break)
 
 
 def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str:
@@ -694,7 +700,7 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
     metrics (for `--select-on val`, test maps are read only here, after every study has finished)."""
     import optuna
 
-    from tfsearch.selection import best_config, mean_metrics
+    from tfsearch.selection import best_config, choice_columns
 
     storage = open_storage(storage_url(plan))
     groups = [[c] for c in plan.categories] if plan.space.scope != "global" else [plan.categories]
@@ -704,13 +710,11 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
         if selection is None:
             continue
         default = selection.default
-        default_per_category = {c: s.evaluate(default) for c, s in selection.candidates.items()}
-        default_value = mean_metrics(default_per_category)[plan.space.metric]
         try:
             study = optuna.load_study(study_name=selection.name, storage=storage)
         except KeyError:
             continue
-        chosen, _ = best_config(study, default, default_value)
+        chosen, choice = best_config(study, default)
         if plan.select_on == "val":
             test = selection_plan(plan, group, split="test").candidates
         else:
@@ -722,6 +726,7 @@ def write_selected(plan: RunPlan, quiet: bool) -> list[dict]:
                 "space": plan.space.name,
                 "protocol": plan.select_on,
                 "selection_metric": plan.space.metric,
+                **choice_columns(choice),
             }
             for prefix, config in (("default", default), ("selected", chosen)):
                 own = selection.candidates[category].evaluate(config)
@@ -871,6 +876,9 @@ def execute(
     select(plan, quiet)
     write_trials(plan)
     selected = write_selected(plan, quiet)
+    from tfsearch.selection_log import log_selection  # issue 11: importance.csv and the studies in W&B
+
+    log_selection(plan, quiet)
     publish_tables(plan)
     from tfsearch.report import write_report
 
