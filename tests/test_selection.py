@@ -112,6 +112,7 @@ def test_builtin_epochs_only_space_varies_the_epoch_alone():
 
 # ------------------------------------------------------------------------------------------ studies
 EPOCHS = (10, 20, 30)
+EPOCHS_ONLY = {"epoch": "milestones", "lam": 0.95, "kernel": 3}
 
 
 def write_milestones(root: Path, signal: dict[int, float], n: int = 8, size: int = 12) -> dict:
