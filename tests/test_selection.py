@@ -107,7 +107,8 @@ def test_builtin_epochs_only_space_varies_the_epoch_alone():
     assert (space.sampler, space.scope, space.metric) == ("exhaustive", "per_class", "image_auroc")
     assert space.values("lam", 0.95) == (0.95,) and space.values("kernel", 7) == (7,)
     assert space.epoch_choices((10, 20, 30)) == (10, 20, 30)
-    assert load_space("per_class").values("lam", 0.95) == tuple(np.linspace(0.5, 1.0, 21))
+    lams = load_space("per_class").values("lam", 0.95)
+    assert len(lams) == 21 and lams[0] == 0.5 and 0.85 in lams and 0.95 in lams and lams[-1] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ studies
@@ -263,3 +264,29 @@ def test_validation_anomalies_are_smaller_and_fainter_than_training_ones():
     assert (defective - x0).abs().max() <= VALIDATION_OPACITY[1] * 2 + 1e-6
     again, _ = validation_anomalies(x0, foreground, torch.Generator().manual_seed(1))
     assert torch.equal(again, defective)
+
+
+def test_select_on_val_candidates_of_a_demo_run_are_not_all_tied(demo_dataset_root, tmp_path):
+    """A tiny training run on the demo with validation maps, then the per_class space's candidates on them."""
+    from tfsearch.config import get_profile
+    from tfsearch.train import Runtime, TrainDir, TrainJob, train
+
+    profile = get_profile("cpu").replace(
+        image_size=32, base_channels=8, norm_groups=4, head_norm_groups=4, time_dim=32, epochs=1,
+        batch_size=16, lr_step_epochs=1, milestone_every=1, inference_batch=16,
+    )  # fmt: skip
+    job = TrainJob(
+        dataset="demo", category="stripes", profile=profile, data_root=demo_dataset_root,
+        validation="synthetic",
+    )  # fmt: skip
+    run = TrainDir(tmp_path / "run")
+    train(job, run.root, Runtime(device="cpu", progress=False))
+    space = load_space("per_class")
+    candidates = CandidateSet({("default", 1): run.maps(1, "val")}, space.values("kernel", 3))
+    assert candidates.ground_truth.image_labels.any() and not candidates.ground_truth.image_labels.all()
+    values = {
+        candidates.image_auroc(Config("default", 1, lam, kernel))
+        for kernel in space.values("kernel", 3)
+        for lam in space.values("lam", 0.95)
+    }
+    assert len(values) > 1

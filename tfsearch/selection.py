@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
@@ -254,7 +255,7 @@ def add_grid_trials(study: optuna.Study, plan: StudyPlan) -> None:
     """Every candidate not in the study yet, evaluated and added as finished trials, `BULK` per write."""
     done = {
         (t.user_attrs["model"], t.user_attrs["epoch"], t.user_attrs["lam"], t.user_attrs["kernel"])
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
         if "metrics" in t.user_attrs
     }
     distributions = grid_distributions(plan.space, plan.checkpoints, plan.default)
@@ -270,7 +271,7 @@ def add_grid_trials(study: optuna.Study, plan: StudyPlan) -> None:
                 params={k: v for k, v in params.items() if k in distributions},
                 distributions=distributions,
                 value=None if math.isnan(value) else value,  # undefined metric: a failed trial, as with TPE
-                state=optuna.trial.TrialState.FAIL if math.isnan(value) else optuna.trial.TrialState.COMPLETE,
+                state=TrialState.FAIL if math.isnan(value) else TrialState.COMPLETE,
                 user_attrs=candidate_attrs(config, per_category),
             )
         )

@@ -116,7 +116,8 @@ class Space:
         """The values an exhaustive or grid study tries for `lam` or `kernel` (`default` when fixed)."""
         param = self.params.get(name, default)
         if isinstance(param, FloatRange):
-            return tuple(float(v) for v in np.linspace(param.low, param.high, self.lam_points))
+            # rounded so that grid points read as written (0.85, not 0.8500000000000001) and match the default
+            return tuple(round(float(v), 12) for v in np.linspace(param.low, param.high, self.lam_points))
         if isinstance(param, Choices | Grid):
             return tuple(param.values)
         return (param,)

@@ -466,8 +466,8 @@ class Trainer:
                 "profile": self.profile.name,
             }
             maps = MapSet(
-                m_disc=m_disc.astype(np.float16),
-                m_recon=m_recon.astype(np.float16),
+                m_disc=m_disc,
+                m_recon=m_recon,
                 masks=eval_set.masks,
                 labels=eval_set.labels,
                 image_ids=eval_set.image_ids,
