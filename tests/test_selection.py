@@ -212,6 +212,10 @@ def test_tpe_study_runs_its_trials_and_records_only_the_objective(tmp_path):
     assert len(study.trials) == 5
     assert study.trials[0].params == {"checkpoint": "default@30", "lam": 0.95, "kernel": 3}  # the default
     assert all(set(t.user_attrs["metrics"]["c"]) == {"image_auroc"} for t in study.trials)
+    rows = importance_rows("t", {"c": study}, enumerated=False)
+    assert {r["method"] for r in rows} == {"optuna_fanova"}
+    parameters = {r["parameter"] for r in rows if r["scope"] == "c"}
+    assert "epoch" in parameters and parameters <= {"epoch", "lam", "kernel"}
 
 
 # ------------------------------------------------------------------------------------ importance, W&B

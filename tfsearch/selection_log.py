@@ -65,11 +65,14 @@ def fanova_importance(study: optuna.Study) -> dict[str, float]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if len({tuple(sorted(t.params.items())) for t in complete}) < 2:
         return {}
-    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     models = {t.user_attrs.get("model") for t in complete}
     rename = {"checkpoint": "epoch" if len(models) == 1 else "checkpoint"}
-    return {rename.get(name, name): float(value) for name, value in importances.items()}
+    if len({t.value for t in complete}) < 2:  # every candidate scored the same: undefined
+        importances = dict.fromkeys({name for t in complete for name in t.params}, math.nan)
+    else:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {rename.get(name, name): float(value) for name, value in sorted(importances.items())}
 
 
 def importance_rows(dataset: str, studies: dict[str, optuna.Study], enumerated: bool) -> list[dict]:
