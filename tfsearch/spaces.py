@@ -11,8 +11,8 @@ A space is a YAML file (the built-in ones live in `search_spaces/`); `--space NA
     milestones: {every: 50}   # or a list of epochs; default: the profile's grid; its last epoch is always one
     selection:
       metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max
-      sampler: exhaustive     # exhaustive | grid (every candidate) | tpe | random (`trials` of them)
-      trials: 64              # Optuna trials per study: required by tpe and random, refused by grid and
+      sampler: exhaustive     # (default) exhaustive | grid: every candidate; tpe | random: `trials` of them
+      # trials: 64            # Optuna trials per study: required by tpe and random, refused by grid and
                               # exhaustive, whose count is milestones x λ values x n values (x models)
       lam_points: 21          # exhaustive: a λ range becomes this many evenly spaced values, ends included
       all_metrics: false      # true: every candidate also gets the pixel metrics (slow); by default only
