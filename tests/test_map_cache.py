@@ -36,8 +36,8 @@ def make_map_set(seed: int = 0, n: int = 4, height: int = 6, width: int = 13) ->
 
 
 def assert_same(read: MapSet, written: MapSet) -> None:
-    np.testing.assert_array_equal(read.m_disc, written.m_disc.astype(np.float16))
-    np.testing.assert_array_equal(read.m_recon, written.m_recon)
+    np.testing.assert_array_equal(read.m_disc, written.m_disc)
+    np.testing.assert_array_equal(read.m_recon, written.m_recon.astype(np.float32))
     np.testing.assert_array_equal(read.masks, written.masks)
     np.testing.assert_array_equal(read.labels, written.labels)
     assert read.image_ids == written.image_ids
@@ -50,9 +50,9 @@ def test_round_trip(tmp_path: Path) -> None:
     write_map_set(target, written)
     read = read_map_set(target)
     assert_same(read, written)
-    assert read.m_disc.dtype == np.float16 and isinstance(read.m_disc, np.memmap)
+    assert read.m_disc.dtype == np.float32 and isinstance(read.m_disc, np.memmap)
     assert read.masks.dtype == bool and read.masks.shape == (4, 6, 13)
-    assert read.meta["version"] == 1 and read.meta["map_shape"] == [4, 6, 13]
+    assert read.meta["version"] == 2 and read.meta["map_shape"] == [4, 6, 13]
     assert map_set_exists(target)
     assert sorted(path.name for path in target.iterdir()) == [
         "image_ids.json",
@@ -93,7 +93,7 @@ def test_failed_write_leaves_the_previous_set_intact(tmp_path: Path, monkeypatch
     assert [path.name for path in tmp_path.iterdir()] == ["epoch-0010"]
 
 
-def test_map_set_exists_needs_every_file_and_version_1(tmp_path: Path) -> None:
+def test_map_set_exists_needs_every_file_and_a_readable_version(tmp_path: Path) -> None:
     target = tmp_path / "maps"
     assert not map_set_exists(target)
     write_map_set(target, make_map_set())
@@ -101,8 +101,25 @@ def test_map_set_exists_needs_every_file_and_version_1(tmp_path: Path) -> None:
     assert not map_set_exists(target)
     write_map_set(target, make_map_set())
     meta = json.loads((target / "meta.json").read_text())
-    (target / "meta.json").write_text(json.dumps({**meta, "version": 2}))
+    (target / "meta.json").write_text(json.dumps({**meta, "version": 3}))
     assert not map_set_exists(target)
+
+
+def test_version_1_float16_caches_are_still_read(tmp_path: Path) -> None:
+    target = tmp_path / "maps"
+    written = make_map_set()
+    write_map_set(target, written)
+    for name in ("m_disc", "m_recon"):  # as version 1 wrote them
+        np.save(target / f"{name}.npy", getattr(written, name).astype(np.float16))
+    meta = json.loads((target / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    assert map_set_exists(target)
+    read = read_map_set(target)
+    assert read.m_disc.dtype == np.float16 and read.meta["version"] == 1
+    np.testing.assert_array_equal(read.m_disc, written.m_disc.astype(np.float16))
+    with pytest.raises(InputError, match="expected float16"):
+        np.save(target / "m_recon.npy", written.m_recon.astype(np.float32))
+        read_map_set(target)
 
 
 def test_a_folder_that_is_not_a_map_cache_is_never_replaced(tmp_path: Path) -> None:
@@ -146,7 +163,7 @@ def test_missing_folder_or_file_names_the_path(tmp_path: Path) -> None:
             read_map_set(target)
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1"])
+@pytest.mark.parametrize("version", [None, 0, 3, "1", True])
 def test_wrong_or_missing_version_is_rejected(tmp_path: Path, version: object) -> None:
     target = tmp_path / "maps"
     write_map_set(target, make_map_set())
@@ -156,7 +173,7 @@ def test_wrong_or_missing_version_is_rejected(tmp_path: Path, version: object) -
     else:
         meta["version"] = version
     (target / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(InputError, match=r"meta\.json has version .*expected 1"):
+    with pytest.raises(InputError, match=r"meta\.json has version .*expected one of \[1, 2\]"):
         read_map_set(target)
 
 
@@ -164,7 +181,7 @@ def test_wrong_or_missing_version_is_rejected(tmp_path: Path, version: object) -
     ("name", "array"),
     [
         ("m_recon.npy", np.zeros((4, 6, 12), dtype=np.float16)),
-        ("m_disc.npy", np.zeros((4, 6, 13), dtype=np.float32)),
+        ("m_disc.npy", np.zeros((4, 6, 13), dtype=np.float16)),
         ("masks.npy", np.zeros((4, 6, 13), dtype=np.uint8)),
         ("labels.npy", np.zeros(3, dtype=np.int8)),
     ],

@@ -127,44 +127,49 @@ class ScoredCandidates:
     def __init__(self, interrupt_at: int | None = None) -> None:
         self.calls, self.interrupt_at = 0, interrupt_at
 
-    def evaluate(self, config: Config) -> dict[str, float]:
+    def candidate_metrics(self, config: Config, metric: str, all_metrics: bool = False) -> dict[str, float]:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        value = config.lam / 2 + config.kernel / 10
-        return {m: value for m in ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")}
+        return {metric: config.lam / 2 + config.kernel / 10}
 
 
-def grid_study_plan(candidates) -> StudyPlan:
+def sampled_study_plan(candidates) -> StudyPlan:
     payload = {
         **TINY,
-        "selection": {"metric": "image_auroc", "sampler": "grid", "seed": 0},
-        "params": {"epoch": "last", "lam": {"grid": [0.5, 0.75, 1.0]}, "kernel": {"grid": [1, 3]}},
+        "selection": {"metric": "image_auroc", "sampler": "random", "trials": 8, "seed": 0},
+        "params": {"epoch": "last", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3, 5]}},
     }
-    space = parse_space(payload, "grid.yaml")
+    space = parse_space(payload, "sampled.yaml")
     default = Config("default", 2, 0.95, 3)
-    return StudyPlan("grid/demo/stripes", space, {"stripes": candidates}, [("default", 2)], default)
+    return StudyPlan("sampled/demo/stripes", space, {"stripes": candidates}, [("default", 2)], default)
 
 
 @pytest.mark.parametrize("studies", [STUDIES_DB, STUDIES_JOURNAL])
-def test_an_interrupted_grid_study_evaluates_every_point_exactly_once(tmp_path, studies):
+def test_an_interrupted_study_evaluates_every_candidate_it_started_exactly_once(tmp_path, studies):
     from tfsearch.selection import make_sampler, open_study, suggest
 
     storage = open_studies(tmp_path / studies)
     with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th fails
-        run_study(storage, grid_study_plan(ScoredCandidates(interrupt_at=4)))
+        run_study(storage, sampled_study_plan(ScoredCandidates(interrupt_at=4)))
     # and one more was cut off mid-evaluation (a killed driver leaves it RUNNING)
-    plan = grid_study_plan(ScoredCandidates())
-    study = open_study(storage, plan.name, make_sampler(plan.space, plan.checkpoints))
-    suggest(study.ask(), plan.space, plan.checkpoints, plan.default)
+    plan = sampled_study_plan(ScoredCandidates())
+    sampler = make_sampler(plan.space, plan.checkpoints, plan.default)
+    study = open_study(storage, plan.name, sampler, retry_failed=True)
+    cut_off = suggest(study.ask(), plan.space, plan.checkpoints, plan.default)
+    interrupted = study.trials[3].params
 
     study = run_study(open_studies(tmp_path / studies), plan)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    points = sorted((t.params["lam"], t.params["kernel"]) for t in complete)
-    assert points == [(lam, n) for lam in (0.5, 0.75, 1.0) for n in (1, 3)]
+    assert len(complete) == 8  # the budget, counted in finished candidates
+    params = [(t.params["lam"], t.params["kernel"]) for t in complete]
+    # both unfinished candidates were evaluated again with their own parameters, once each
+    assert params.count((interrupted["lam"], interrupted["kernel"])) == 1
+    assert params.count((cut_off.lam, cut_off.kernel)) == 1
+    assert sum(1 for t in study.trials if t.state == optuna.trial.TrialState.WAITING) == 0
     # the trials table keeps the completed candidates only, one row each
     rows = candidate_rows(study, "test")
-    assert sorted((r["lam"], r["kernel"]) for r in rows) == points
+    assert sorted((r["lam"], r["kernel"]) for r in rows) == sorted(params)
     assert {r["status"] for r in rows} == {"complete"}
 
 

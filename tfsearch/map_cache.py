@@ -1,21 +1,26 @@
 """The map cache: raw anomaly maps of one (category, milestone epoch, split), kept so that a selection search
 can score any (λ, n) without a GPU, a checkpoint or the dataset.
 
-On-disk format, version 1. One folder per map set, holding:
+On-disk format, version 2. One folder per map set, holding:
 
-    meta.json        {"version": 1, "dataset", "category", "epoch", "split", "image_size", "data_root",
+    meta.json        {"version": 2, "dataset", "category", "epoch", "split", "image_size", "data_root",
                       "mask_paths": [one per image, the ground-truth file or null for a normal image],
                       "map_shape": [N, H, W], ...}  (writers may add keys, e.g. "profile")
-    m_disc.npy       float16 (N, H, W): M_disc, the mean predicted mask (method.md §7.3)
-    m_recon.npy      float16 (N, H, W): M_recon, the reconstruction error (method.md §7.4)
+    m_disc.npy       float32 (N, H, W): M_disc, the mean predicted mask (method.md §7.3)
+    m_recon.npy      float32 (N, H, W): M_recon, the reconstruction error (method.md §7.4)
     masks.npy        uint8 (N, H, ceil(W / 8)): the binarised ground truth at map resolution,
                      `np.packbits(masks, axis=-1)`, so scoring needs no dataset
     labels.npy       int8 (N,): 0 normal, 1 anomalous
     image_ids.json   [N strings]: `Sample.image_id` of each image, in map order
 
 Maps are raw: no mean filter, no blend. The ground truth is the reference the maps were scored against; the
-mask paths in meta.json say where it came from. float16 keeps a cache of 200 maps of 256×256 at 52 MB (maps
-lie in [0, 1], where float16 has ~3 significant digits).
+mask paths in meta.json say where it came from. A cache of 200 maps of 256×256 takes 105 MB.
+
+Version 1 stored the maps as float16 (half the size). On maps of real training runs that moved some metrics by
+more than 0.01 points against float32 (bench/README.md, "Map cache precision": normal pixels of M_disc lie
+below float16's normal range, and near 1 its step is 5e-4), so version 2 keeps float32. Version-1 caches are
+still read (as float16, which the metrics widen to float32) and rewritten as version 2 when a milestone's
+maps are written again.
 
 A map set is written into a temporary folder beside its target and renamed into place. An existing map set
 is first renamed aside and deleted only after the new one is in place, so a reader finds the complete old
@@ -36,7 +41,8 @@ import numpy as np
 
 from tfsearch.errors import InputError
 
-MAP_CACHE_VERSION = 1
+MAP_CACHE_VERSION = 2
+MAP_DTYPES = {1: np.float16, 2: np.float32}  # map cache version -> dtype of its maps, every readable version
 META_FILE = "meta.json"
 IMAGE_IDS_FILE = "image_ids.json"
 ARRAY_FILES = ("m_disc.npy", "m_recon.npy", "masks.npy", "labels.npy")
@@ -47,8 +53,8 @@ REQUIRED_META_KEYS = ("dataset", "category", "epoch", "split", "image_size", "da
 class MapSet:
     """Raw maps and ground truth of one evaluation set; arrays read back from disk are read-only memmaps."""
 
-    m_disc: np.ndarray  # float16 (N, H, W)
-    m_recon: np.ndarray  # float16 (N, H, W)
+    m_disc: np.ndarray  # float32 (N, H, W); float16 when read from a version-1 cache
+    m_recon: np.ndarray  # the same
     masks: np.ndarray  # bool (N, H, W)
     labels: np.ndarray  # int8 (N,)
     image_ids: list[str]
@@ -91,8 +97,8 @@ def read_map_set(directory: Path) -> MapSet:
     shape = tuple(meta["map_shape"])
     n_images, _, width = shape
     expected = {
-        "m_disc.npy": (shape, np.float16),
-        "m_recon.npy": (shape, np.float16),
+        "m_disc.npy": (shape, MAP_DTYPES[meta["version"]]),
+        "m_recon.npy": (shape, MAP_DTYPES[meta["version"]]),
         "masks.npy": ((*shape[:2], (width + 7) // 8), np.uint8),
         "labels.npy": ((n_images,), np.int8),
     }
@@ -112,7 +118,8 @@ def read_map_set(directory: Path) -> MapSet:
 
 
 def map_set_exists(directory: Path) -> bool:
-    """Whether `directory` holds a complete version-1 map set (files present; contents not checked)."""
+    """Whether `directory` holds a complete map set of a readable version (files present; contents not
+    checked)."""
     directory = Path(directory)
     try:
         meta = json.loads((directory / META_FILE).read_text())
@@ -121,15 +128,15 @@ def map_set_exists(directory: Path) -> bool:
     files = (*ARRAY_FILES, IMAGE_IDS_FILE)
     return (
         isinstance(meta, dict)
-        and meta.get("version") == MAP_CACHE_VERSION
+        and meta.get("version") in MAP_DTYPES
         and all((directory / name).is_file() for name in files)
     )
 
 
 def _encode(maps: MapSet) -> dict[str, np.ndarray | bytes]:
     """The content of each file of `maps`, after checking that the parts fit together."""
-    m_disc = np.asarray(maps.m_disc).astype(np.float16)
-    m_recon = np.asarray(maps.m_recon).astype(np.float16)
+    m_disc = np.asarray(maps.m_disc).astype(np.float32)
+    m_recon = np.asarray(maps.m_recon).astype(np.float32)
     masks, labels = np.asarray(maps.masks), np.asarray(maps.labels)
     if m_disc.ndim != 3 or m_recon.shape != m_disc.shape or masks.shape != m_disc.shape:
         raise InputError(
@@ -146,7 +153,7 @@ def _encode(maps: MapSet) -> dict[str, np.ndarray | bytes]:
     for name, array in (("m_disc", m_disc), ("m_recon", m_recon)):
         if not np.isfinite(array).all():
             raise InputError(
-                f"{name} has NaN or inf values (after conversion to float16): expected finite maps"
+                f"{name} has NaN or inf values (after conversion to float32): expected finite maps"
             )
     missing = [key for key in REQUIRED_META_KEYS if key not in maps.meta]
     if missing:
@@ -192,9 +199,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta = _read_json(path)
     if not isinstance(meta, dict):
         raise InputError(f"{path} must hold a JSON object")
-    if meta.get("version") != MAP_CACHE_VERSION:
+    if meta.get("version") not in MAP_DTYPES or isinstance(meta.get("version"), bool):
         raise InputError(
-            f"{path} has version {meta.get('version')!r}: expected {MAP_CACHE_VERSION} (rewrite the cache)"
+            f"{path} has version {meta.get('version')!r}: expected one of {sorted(MAP_DTYPES)} (rewrite the"
+            " cache)"
         )
     missing = [key for key in (*REQUIRED_META_KEYS, "map_shape") if key not in meta]
     if missing:

@@ -306,31 +306,78 @@ def _check_limit(limit: float) -> None:
 # ------------------------------------------------------------------------------------------ fusion
 
 
+# images per block of the integral-image filter: a block's float64 integral images stay in the CPU's cache
+FILTER_BLOCK = 16
+
+
 def mean_filter(maps: np.ndarray, kernel: int) -> np.ndarray:
     """n×n zero-padded mean of every map of a stack (N, H, W): `convolve2d(m, ones((n, n)) / n², "same")`.
 
-    Separable running sums, so the cost does not grow with n: rows are summed in float64 straight from the
-    input (float16 maps need no converted copy), then scipy.ndimage averages along each row. float16/float32
-    maps give float32, float64 maps give float64.
+    From each map's integral image in float64, so the cost does not grow with n and every box sum of float16
+    maps is exact (their values are multiples of 2^-24 and 2^17 of them fit in 53 bits); the mean is then
+    rounded once to float32. float16/float32 maps give float32, float64 maps give float64.
     """
     _check_kernel(kernel)
+    maps = _check_stack(maps)
+    out = np.empty(maps.shape, dtype=np.result_type(maps.dtype, np.float32))
+    for start, filtered in box_means(maps, (kernel,)):
+        out[start : start + FILTER_BLOCK] = filtered[kernel]
+    return out
+
+
+def box_means(maps: np.ndarray, kernels: tuple[int, ...]):
+    """Yield (first image, {n: mean-filtered block}) for consecutive blocks of `FILTER_BLOCK` maps: one
+    integral image per map serves every n, which is what scoring many kernel sizes of one milestone needs."""
+    maps = _check_stack(maps)
+    for kernel in kernels:
+        _check_kernel(kernel)
+    dtype = np.result_type(maps.dtype, np.float32)
+    pad = max(kernels) // 2
+    count, height, width = maps.shape
+    # buffers reused by every block (fresh large arrays cost page faults on every block)
+    # integral image with a zero first row and column, edge-padded by `pad`: a window reaching past the map
+    # sums only what lies inside it (zero padding)
+    integral = np.zeros((min(FILTER_BLOCK, count), height + 1 + 2 * pad, width + 1 + 2 * pad))
+    transposed = np.empty((len(integral), width, height))
+    box = np.empty((len(integral), height, width))
+    for start in range(0, count, FILTER_BLOCK):
+        size = min(FILTER_BLOCK, count - start)
+        padded = integral[:size]
+        inside = padded[:, pad + 1 : pad + 1 + height, pad + 1 : pad + 1 + width]
+        _integral_image(maps[start : start + size], inside, transposed[:size])
+        padded[:, pad + 1 + height :] = padded[:, pad + height : pad + height + 1]
+        padded[:, :, pad + 1 + width :] = padded[:, :, pad + width : pad + width + 1]
+        filtered = {}
+        for kernel in kernels:
+            low, high = pad - kernel // 2, pad + kernel // 2 + 1
+            # rows i+h+1 and i−h, columns j+h+1 and j−h of the unpadded integral image
+            last, first = slice(high, high + height), slice(low, low + height)
+            sums = box[:size]
+            np.subtract(padded[:, last, high : high + width], padded[:, first, high : high + width], out=sums)
+            sums -= padded[:, last, low : low + width]
+            sums += padded[:, first, low : low + width]
+            filtered[kernel] = np.multiply(sums, 1.0 / (kernel * kernel), dtype=dtype)
+        yield start, filtered
+
+
+def _integral_image(maps: np.ndarray, out: np.ndarray, transposed: np.ndarray) -> None:
+    """Cumulative sums over rows and columns of maps (B, H, W) into float64 `out`, as running sums of whole
+    rows (then of whole rows of the transpose, `transposed` (B, W, H)): numpy's and torch's cumsum cost ~30 ns
+    a value here, a row add ~1."""
+    out[:, 0] = maps[:, 0]
+    for row in range(1, maps.shape[1]):
+        np.add(out[:, row - 1], maps[:, row], out=out[:, row])
+    transposed[:] = out.transpose(0, 2, 1)
+    for column in range(1, maps.shape[2]):
+        np.add(transposed[:, column - 1], transposed[:, column], out=transposed[:, column])
+    out[:] = transposed.transpose(0, 2, 1)
+
+
+def _check_stack(maps: np.ndarray) -> np.ndarray:
     maps = np.asarray(maps)
     if maps.ndim != 3:
         raise InputError(f"maps must be a stack (N, H, W), got shape {maps.shape}")
-    half, height = kernel // 2, maps.shape[1]
-    out = np.empty(maps.shape, dtype=np.result_type(maps.dtype, np.float32))
-    window = np.zeros((maps.shape[0], maps.shape[2]), dtype=np.float64)  # sum of the rows inside the window
-    for row in range(min(half, height)):
-        window += maps[:, row]
-    for row in range(height):
-        if row + half < height:
-            window += maps[:, row + half]
-        if row > half:
-            window -= maps[:, row - half - 1]
-        out[:, row] = window
-    ndimage.uniform_filter1d(out, kernel, axis=2, mode="constant", output=out)
-    out *= 1.0 / kernel
-    return out
+    return maps
 
 
 def fuse(m_disc: np.ndarray, m_recon: np.ndarray, lam: float, kernel: int) -> np.ndarray:
@@ -367,6 +414,102 @@ class MapFuser:
     def fuse(self, lam: float, kernel: int) -> np.ndarray:
         _check_lam(lam)
         return _blend(*self.filtered(kernel), lam)
+
+
+# ------------------------------------------------------------------------------- exact image scores
+# float32 rounding of a blend λ·a + (1−λ)·b, relative to the image's largest |value|: `_blend` rounds λ, 1−λ,
+# both products and their sum (≤ 4 units of 2^-24); candidates are kept within twice that plus a margin
+_BLEND_TOLERANCE = 32 * 2.0**-24
+
+
+@dataclass(frozen=True)
+class ImageMaxima:
+    """Per image of one (milestone, n), the few filtered (a, b) = (f_n(M_disc), f_n(M_recon)) points that can
+    hold the image score max over pixels of λ·a + (1−λ)·b for some λ in [0, 1]; any λ then costs a blend of
+    those points instead of a pass over every pixel, with the very numbers `fuse` then max gives."""
+
+    disc: np.ndarray  # filtered M_disc of the kept points, image after image
+    recon: np.ndarray  # filtered M_recon of the same points
+    starts: np.ndarray  # int64 (N,): each image's first kept point
+
+    def scores(self, lam: float) -> np.ndarray:
+        """Image scores at λ, bit for bit `image_scores(fuse(m_disc, m_recon, λ, n))`."""
+        _check_lam(lam)
+        return np.maximum.reduceat(_blend(self.disc, self.recon, lam), self.starts)
+
+    @property
+    def points(self) -> int:
+        return int(self.disc.size)
+
+
+def image_maxima(m_disc: np.ndarray, m_recon: np.ndarray, kernels: tuple[int, ...]) -> dict[int, ImageMaxima]:
+    """`ImageMaxima` of every kernel size, from one integral image per map.
+
+    The maximum over pixels of λ·a + (1−λ)·b lies on the upper-right convex hull of the image's (a, b) points.
+    Of each image this keeps the largest-a point P1, the largest-b point P2 and the points on or above the
+    chord P1–P2 within the rounding tolerance: a point below it by more that P1 and P2 do not dominate scores
+    below one of them at every λ, and a dominated point (a and b no larger than another's) never scores
+    above its dominator, rounding included, as rounding is monotone. Of those it keeps the non-dominated
+    frontier: the hull plus the points a rounding could lift to the maximum, a handful per image.
+    """
+    _check_pair(m_disc, m_recon)
+    parts: dict[int, list[tuple[np.ndarray, ...]]] = {kernel: [] for kernel in kernels}
+    blocks = zip(box_means(m_disc, kernels), box_means(m_recon, kernels), strict=True)
+    for (start, disc), (_, recon) in blocks:
+        # a zero-padded mean is no larger in magnitude than the map's largest |value|: the rounding scale
+        scale = np.maximum(
+            _largest_magnitude(m_disc[start : start + FILTER_BLOCK]),
+            _largest_magnitude(m_recon[start : start + FILTER_BLOCK]),
+        )
+        for kernel in kernels:
+            parts[kernel].append(_hull_candidates(disc[kernel], recon[kernel], scale))
+    maxima = {}
+    for kernel, blocks in parts.items():
+        disc, recon, counts = (np.concatenate(column) for column in zip(*blocks, strict=True))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        maxima[kernel] = ImageMaxima(disc, recon, starts)
+    return maxima
+
+
+def _largest_magnitude(maps: np.ndarray) -> np.ndarray:
+    """float64 (B,): each map's largest |value|; NaN or inf is an error."""
+    flat = np.asarray(maps, dtype=np.result_type(maps.dtype, np.float32)).reshape(len(maps), -1)
+    scale = np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)
+    if not np.isfinite(scale).all():
+        raise InputError("maps contain NaN or inf: expected finite anomaly scores")
+    return scale
+
+
+def _hull_candidates(
+    disc: np.ndarray, recon: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, count per image) of the points of each filtered map pair that can hold the image maximum;
+    `scale` bounds each image's |a| and |b|."""
+    count = disc.shape[0]
+    a, b = disc.reshape(count, -1), recon.reshape(count, -1)
+    images = np.arange(count)
+    largest_a, largest_b = a.argmax(axis=1), b.argmax(axis=1)
+    a1, b1 = a[images, largest_a], b[images, largest_a]  # P1
+    a2, b2 = a[images, largest_b], b[images, largest_b]  # P2: a2 <= a1, b1 <= b2
+    rise, run = (b2 - b1).astype(np.float64), (a1 - a2).astype(np.float64)
+    # λ* where P1 and P2 blend equal (0.5 when they coincide: then nothing passes the dominance test)
+    weight = np.divide(rise, rise + run, out=np.full(count, 0.5), where=rise + run > 0)
+    level = weight * a1 + (1.0 - weight) * b1 - _BLEND_TOLERANCE * scale
+    chord = b * (1.0 - weight)[:, None].astype(b.dtype)
+    chord += a * weight[:, None].astype(a.dtype)
+    keep = chord >= level[:, None]
+    keep[images, largest_a] = keep[images, largest_b] = True
+    image, pixel = np.divmod(np.flatnonzero(keep), a.shape[1])
+    pa, pb = a[image, pixel], b[image, pixel]
+    # non-dominated frontier per image: by image, then a descending (b descending among equal a), a point
+    # stays when its b exceeds every b before it in its image (equal b ranks equal: duplicates go)
+    order = np.lexsort((-pb, -pa, image))
+    b_rank = np.unique(pb, return_inverse=True)[1]
+    key = (image * (b_rank.max() + 1) + b_rank)[order]
+    best_before = np.maximum.accumulate(np.concatenate(([-1], key[:-1])))
+    frontier = order[key > best_before]
+    frontier.sort()  # image order, as np.nonzero gave them
+    return pa[frontier], pb[frontier], np.bincount(image[frontier], minlength=count)
 
 
 def _blend(filtered_disc: np.ndarray, filtered_recon: np.ndarray, lam: float) -> np.ndarray:

@@ -11,7 +11,7 @@ A run folder (`--runs-root`/NAME) holds:
                     when the run folder is on shared storage
     trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
     selected.csv    per category: the default configuration's and the selected configuration's metrics
-    importance.csv  how much each hyperparameter matters (written by the spaces that measure it)
+    importance.csv  per dataset (and category): how much epoch, λ and n move the selection metric
     train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train)
     tune/           Ray Tune's experiment state, which `--resume` restores
 """
@@ -31,10 +31,12 @@ from tfsearch.metrics import METRIC_NAMES
 CONFIG_FILE = "config.json"
 TRIALS_FILE = "trials.csv"
 SELECTED_FILE = "selected.csv"
+IMPORTANCE_FILE = "importance.csv"
+IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
 # each training run's log of finished milestones (one row per milestone; see the trainable)
 MILESTONE_LOG = "milestones.json"
 IMPORTANCE_FILE = "importance.csv"
-RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE)
+RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE, IMPORTANCE_FILE)
 TRAIN_FOLDER = "train"
 # the training configuration of the profile itself (other ids name searched training hyperparameters)
 DEFAULT_MODEL = "default"
@@ -70,6 +72,11 @@ SELECTED_COLUMNS = (
     "selection_metric",
     *(f"default_{f}" for f in CONFIG_FIELDS),
     *(f"selected_{f}" for f in CONFIG_FIELDS),
+    # how well the selection data ranked the candidates: configurations (default included) sharing the best
+    # selection value, the metric that settled such a tie (--select-on val), and whether nothing did
+    "tied_at_best",
+    "tie_break_metric",
+    "cannot_rank",
     "status",  # ok | failed (training failed for good; nothing is selected)
     "error",
 )

@@ -29,6 +29,7 @@ from tfsearch import data as datasets
 from tfsearch.config import PROFILES
 from tfsearch.errors import InputError
 from tfsearch.plan import PROTOCOLS, RunPlan, make_plan, start_run
+from tfsearch.selection_log import log_selection
 from tfsearch.selection_stage import select
 from tfsearch.tables import failed_message, publish, write_selected, write_trials
 from tfsearch.train import PRECISIONS
@@ -89,6 +90,7 @@ def execute(
     select(plan, failed)
     write_trials(plan)
     selected = write_selected(plan, failed)
+    log_selection(plan)  # importance.csv, and each study in W&B
     from tfsearch.report import write_report
 
     write_report(

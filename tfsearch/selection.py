@@ -1,9 +1,17 @@
 """Selection: Optuna studies over (model, epoch, λ, n) candidates evaluated on cached maps.
 
-No candidate trains anything. A category's candidates share one `GroundTruth` (regions, weights) and each
-milestone's raw maps are filtered once per n (`MapFuser`), so a candidate costs one blend and the metrics.
-A study lives in the run's Optuna storage; every candidate keeps all its metrics in `user_attrs`, which is
-where `trials.csv` is rebuilt from, so a resumed run neither loses nor duplicates rows.
+No candidate trains anything. A candidate is scored on its selection metric only; the pixel metrics are
+computed for the default and the selected configuration (and for every candidate with `all_metrics: true`).
+Image AUROC, the usual selection metric, is exact and cheap: each milestone's maps are filtered once for every
+n of the space and reduced to the few points per image that can hold its maximum (`ImageMaxima`), after which
+any λ costs microseconds. So `exhaustive` and `grid` spaces evaluate every candidate and add them to the study
+in bulk; `tpe` and `random` draw `trials` of them. Pixel metrics go through `MapFuser`, whose filtered maps
+are cached per milestone.
+
+A study lives in the run's Optuna storage; every candidate keeps its metrics in `user_attrs`, which is where
+`trials.csv` is rebuilt from, so a resumed run neither loses nor duplicates rows. When the run ends the study
+also records its choice (`CHOICE_ATTR`): the best candidate or the default, how many candidates tied at the
+best value, and, where a tie-break metric is set (`--select-on val`), the candidate that metric preferred.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate
+from tfsearch.metrics import METRIC_NAMES, GroundTruth, ImageMaxima, MapFuser, auroc, evaluate, image_maxima
 from tfsearch.spaces import Choices, FloatRange, Grid, Space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -41,7 +50,12 @@ class Config:
 class CandidateSet:
     """Cached maps of one category on one split, for every (model, milestone) a training run reached."""
 
-    def __init__(self, maps_dirs: dict[tuple[str, int], Path], cached_milestones: int = 4) -> None:
+    def __init__(
+        self,
+        maps_dirs: dict[tuple[str, int], Path],
+        kernels: tuple[int, ...] = (),
+        cached_milestones: int = 4,
+    ) -> None:
         if not maps_dirs:
             raise InputError("no cached maps to select from: no training milestone finished")
         self.maps_dirs = dict(maps_dirs)
@@ -49,47 +63,99 @@ class CandidateSet:
         self.ground_truth = GroundTruth.from_masks(np.asarray(first.masks))
         self.image_ids = list(first.image_ids)
         self.split = first.meta.get("split")
+        self.kernels = tuple(sorted(set(kernels)))  # filtered together when a milestone is first scored
         self._fusers: OrderedDict[tuple[str, int], MapFuser] = OrderedDict()
         self._cached = cached_milestones
+        self._maxima: dict[tuple[str, int], dict[int, ImageMaxima]] = {}
+
+    def _maps(self, model: str, epoch: int):
+        if (model, epoch) not in self.maps_dirs:
+            raise InputError(f"no cached maps for model {model!r} at epoch {epoch}")
+        maps = read_map_set(self.maps_dirs[model, epoch])
+        if list(maps.image_ids) != self.image_ids:
+            raise InputError(f"{self.maps_dirs[model, epoch]}: its images differ from the other milestones'")
+        return maps
 
     def fuser(self, model: str, epoch: int) -> MapFuser:
         key = (model, epoch)
         if key not in self._fusers:
-            if key not in self.maps_dirs:
-                raise InputError(f"no cached maps for model {model!r} at epoch {epoch}")
-            maps = read_map_set(self.maps_dirs[key])
-            if list(maps.image_ids) != self.image_ids:
-                raise InputError(f"{self.maps_dirs[key]}: its images differ from the other milestones'")
+            maps = self._maps(model, epoch)
             self._fusers[key] = MapFuser(maps.m_disc, maps.m_recon)
             while len(self._fusers) > self._cached:
                 self._fusers.popitem(last=False)
         self._fusers.move_to_end(key)
         return self._fusers[key]
 
+    def maxima(self, model: str, epoch: int, kernel: int) -> ImageMaxima:
+        """Image-score points of one (milestone, n); a milestone's first use filters every n of the space."""
+        tables = self._maxima.setdefault((model, epoch), {})
+        if kernel not in tables:
+            maps = self._maps(model, epoch)
+            missing = tuple(sorted({kernel, *self.kernels} - set(tables)))
+            tables.update(image_maxima(maps.m_disc, maps.m_recon, missing))
+        return tables[kernel]
+
+    def image_auroc(self, config: Config) -> float:
+        scores = self.maxima(config.model, config.epoch, config.kernel).scores(config.lam)
+        return auroc(self.ground_truth.image_labels, scores)
+
     def evaluate(self, config: Config) -> dict[str, float]:
+        """Every metric of a configuration (the pixel metrics need the full fused maps)."""
         fused = self.fuser(config.model, config.epoch).fuse(config.lam, config.kernel)
         return evaluate(self.ground_truth, fused)
+
+    def candidate_metrics(self, config: Config, metric: str, all_metrics: bool = False) -> dict[str, float]:
+        """What a candidate records: image AUROC alone (exact, cheap) when it is the selection metric, else
+        every metric (the pixel metrics share one sort)."""
+        if metric == "image_auroc" and not all_metrics:
+            return {"image_auroc": self.image_auroc(config)}
+        return self.evaluate(config)
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
     """Unweighted mean over categories, as the paper averages; undefined values are left out."""
     means = {}
     for name in METRIC_NAMES:
-        values = [m[name] for m in per_category.values() if not math.isnan(m[name])]
-        means[name] = float(np.mean(values)) if values else float("nan")
+        if any(name in m for m in per_category.values()):
+            values = [m[name] for m in per_category.values() if not math.isnan(m.get(name, math.nan))]
+            means[name] = float(np.mean(values)) if values else float("nan")
     return means
 
 
-def make_sampler(space: Space, checkpoints: list[tuple[str, int]]) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    space: Space, checkpoints: list[tuple[str, int]], default: Config, resumed_at: int = 0
+) -> optuna.samplers.BaseSampler:
+    """The study's sampler. A study continued after `resumed_at` trials draws from a seed moved on by that
+    many, so that it never replays the candidates of its first attempt."""
+    seed = space.seed + resumed_at
     if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=space.seed)
+        return optuna.samplers.TPESampler(seed=seed)
     if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
-    grid = {name: list(p.values) for name, p in space.params.items() if isinstance(p, Grid | Choices)}
-    grid.pop("epoch", None)
-    if len(checkpoints) > 1:
-        grid["checkpoint"] = checkpoint_names(checkpoints)
+        return optuna.samplers.RandomSampler(seed=seed)
+    grid = {name: list(d.choices) for name, d in grid_distributions(space, checkpoints, default).items()}
     return optuna.samplers.GridSampler(grid, seed=space.seed)
+
+
+def grid_distributions(
+    space: Space, checkpoints: list[tuple[str, int]], default: Config
+) -> dict[str, optuna.distributions.CategoricalDistribution]:
+    """The Optuna parameters of an enumerated study: those that take more than one value."""
+    values = {
+        "checkpoint": checkpoint_names(checkpoints),
+        "lam": space.values("lam", default.lam),
+        "kernel": space.values("kernel", default.kernel),
+    }
+    return {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items() if len(v) > 1}
+
+
+def grid_candidates(space: Space, checkpoints: list[tuple[str, int]], default: Config) -> list[Config]:
+    """Every candidate of an exhaustive or grid space: milestones x λ values x n values (x models)."""
+    return [
+        Config(model, epoch, float(lam), int(kernel))
+        for model, epoch in checkpoints
+        for kernel in space.values("kernel", default.kernel)
+        for lam in space.values("lam", default.lam)
+    ]
 
 
 def checkpoint_names(checkpoints: list[tuple[str, int]]) -> list[str]:
@@ -133,12 +199,13 @@ def default_in_space(space: Space, default: Config) -> dict | None:
     return params
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, sampler) -> optuna.Study:
-    """Create or continue a study, queueing again every candidate an earlier attempt did not finish.
+def open_study(storage: optuna.storages.BaseStorage, name: str, sampler, retry_failed: bool) -> optuna.Study:
+    """Create or continue a study, queueing again every sampled candidate an earlier attempt did not finish.
 
     A study runs in one task at a time, so a trial RUNNING when it opens was cut off (a killed driver or
-    node): it is marked FAIL. Each failed trial not retried yet goes to Optuna's retry callback, which queues
-    its parameters again (a grid point keeps its grid id), so every candidate is evaluated exactly once.
+    node): it is marked FAIL. With `retry_failed` (sampled studies) each failed trial not retried yet goes
+    to Optuna's retry callback, which queues its parameters again, so every candidate is evaluated once.
+    Enumerated studies need no queue: they add whichever candidates the study lacks.
     """
     study = optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
@@ -153,7 +220,7 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, sampler) -> optu
             storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         elif trial.state != optuna.trial.TrialState.FAIL:
             continue
-        if trial.number not in retried:
+        if retry_failed and trial.number not in retried:
             retry(study, storage.get_trial(trial._trial_id))
     return study
 
@@ -167,15 +234,77 @@ class StudyPlan:
     candidates: dict[str, CandidateSet]  # category -> its candidates on the selection split
     checkpoints: list[tuple[str, int]]  # (model, milestone epoch) pairs every category has maps of
     default: Config
+    # metric that settles a tie at the best selection value (None: the default, then the first candidate)
+    tie_break: str | None = None
+
+    def metrics(self, config: Config) -> dict[str, dict[str, float]]:
+        """Category -> what a candidate records."""
+        return {
+            name: candidates.candidate_metrics(config, self.space.metric, self.space.all_metrics)
+            for name, candidates in self.candidates.items()
+        }
+
+    def objective(self, per_category: dict[str, dict[str, float]]) -> float:
+        return mean_metrics(per_category)[self.space.metric]
+
+
+CHOICE_ATTR = "choice"
+# candidates added to a study per storage write: a killed run recomputes at most this many
+BULK = 1000
 
 
 def run_study(storage: optuna.storages.BaseStorage, plan: StudyPlan) -> optuna.Study:
-    """Run the remaining trials of a study. The objective is the selection metric, averaged over the
-    categories of the study (one for per-class studies); every metric of every category is kept."""
+    """Evaluate the study's remaining candidates, then record its choice. The objective is the selection
+    metric, averaged over the categories of the study (one for per-class studies)."""
+    study = open_study(storage, plan.name, None, retry_failed=not plan.space.enumerated)
+    study.sampler = make_sampler(plan.space, plan.checkpoints, plan.default, resumed_at=len(study.trials))
+    if plan.space.enumerated:
+        add_grid_trials(study, plan)
+    else:
+        optimize(study, plan)
+    study.set_user_attr(CHOICE_ATTR, choose(study, plan))
+    return study
+
+
+def candidate_attrs(config: Config, per_category: dict[str, dict[str, float]]) -> dict:
+    """A candidate's `user_attrs`, which `trials.csv` is rebuilt from."""
+    return {**config.as_params(), "metrics": per_category}
+
+
+def add_grid_trials(study: optuna.Study, plan: StudyPlan) -> None:
+    """Every candidate not in the study yet, evaluated and added as finished trials, `BULK` per write."""
+    done = {
+        (t.user_attrs["model"], t.user_attrs["epoch"], t.user_attrs["lam"], t.user_attrs["kernel"])
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if "metrics" in t.user_attrs
+    }
+    distributions = grid_distributions(plan.space, plan.checkpoints, plan.default)
+    pending = []
+    for config in grid_candidates(plan.space, plan.checkpoints, plan.default):
+        if (config.model, config.epoch, config.lam, config.kernel) in done:
+            continue
+        per_category = plan.metrics(config)
+        value = plan.objective(per_category)
+        params = {"checkpoint": f"{config.model}@{config.epoch}", "lam": config.lam, "kernel": config.kernel}
+        pending.append(
+            optuna.trial.create_trial(
+                params={k: v for k, v in params.items() if k in distributions},
+                distributions=distributions,
+                value=None if math.isnan(value) else value,  # undefined metric: a failed trial, as with TPE
+                state=TrialState.FAIL if math.isnan(value) else TrialState.COMPLETE,
+                user_attrs=candidate_attrs(config, per_category),
+            )
+        )
+        if len(pending) == BULK:
+            study.add_trials(pending)
+            pending = []
+    study.add_trials(pending)
+
+
+def optimize(study: optuna.Study, plan: StudyPlan) -> None:
+    """The remaining `trials` drawn by the sampler; the default goes first when the space contains it."""
     space = plan.space
-    sampler = make_sampler(space, plan.checkpoints)
-    study = open_study(storage, plan.name, sampler)
-    if not study.trials and space.sampler != "grid":
+    if not study.trials:
         params = default_in_space(space, plan.default)
         if params is not None:
             if len(plan.checkpoints) > 1:
@@ -184,29 +313,78 @@ def run_study(storage: optuna.storages.BaseStorage, plan: StudyPlan) -> optuna.S
 
     def objective(trial: optuna.Trial) -> float:
         config = suggest(trial, space, plan.checkpoints, plan.default)
-        per_category = {name: candidates.evaluate(config) for name, candidates in plan.candidates.items()}
-        for key, value in config.as_params().items():
+        per_category = plan.metrics(config)
+        for key, value in candidate_attrs(config, per_category).items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("metrics", per_category)
-        return mean_metrics(per_category)[space.metric]
+        return plan.objective(per_category)
 
-    budget = max(space.trials, 1)
     complete = (optuna.trial.TrialState.COMPLETE,)
-    if len(study.get_trials(deepcopy=False, states=complete)) < budget:
-        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(budget, states=complete)])
-    return study
+    if len(study.get_trials(deepcopy=False, states=complete)) < space.trials:
+        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(space.trials, states=complete)])
 
 
-def best_config(study: optuna.Study, default: Config, default_value: float) -> tuple[Config, float]:
-    """The best candidate of a study, or the default when no candidate beats it (ties go to the default)."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    complete = [t for t in complete if t.value is not None and not math.isnan(t.value)]
-    if not complete:
-        return default, default_value
-    best = max(complete, key=lambda t: (t.value, -t.number))
-    if math.isnan(default_value) or best.value > default_value:
-        attrs = best.user_attrs
-        return Config(
-            attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"])
-        ), best.value
-    return default, default_value
+def choose(study: optuna.Study, plan: StudyPlan) -> dict:
+    """The study's choice: the best candidate, or the default when none beats it. A tie at the best value
+    is settled by `plan.tie_break` (computed for the tied configurations only) when set; otherwise, and when
+    that metric ties too, the default wins, then the earliest candidate (`undecided` then says so). Also
+    says how many configurations tied at the best value."""
+    default_value = plan.objective({c: {plan.space.metric: m} for c, m in _default_values(plan).items()})
+    scored = [t for t in _finished(study) if t.value is not None]
+    values = [t.value for t in scored] + ([] if math.isnan(default_value) else [default_value])
+    if not values:
+        return {"trial": None, "value": default_value, "tied": 0, "tie_break": None, "undecided": False}
+    best = max(values)
+    tied = [t for t in scored if t.value == best]
+    contenders: list[tuple[int | None, Config]] = [(None, plan.default)] if default_value == best else []
+    contenders += [(t.number, config_of(t)) for t in sorted(tied, key=lambda t: t.number)]
+    choice = {"trial": contenders[0][0], "value": best, "tied": len(contenders), "tie_break": None}
+    choice["undecided"] = len(contenders) > 1
+    if plan.tie_break and len(contenders) > 1:
+        breaks = [
+            mean_metrics({c: s.evaluate(config) for c, s in plan.candidates.items()})[plan.tie_break]
+            for _, config in contenders
+        ]
+        breaks = [-math.inf if math.isnan(v) else v for v in breaks]
+        winner = max(range(len(contenders)), key=lambda i: (breaks[i], -i))  # first of the equal wins
+        choice.update(trial=contenders[winner][0], tie_break=plan.tie_break, tie_break_value=breaks[winner])
+        choice["undecided"] = breaks.count(breaks[winner]) > 1
+    return choice
+
+
+def choice_columns(choice: dict) -> dict:
+    """The columns of `selected.csv` that say how well the selection data ranked the candidates."""
+    return {
+        "tied_at_best": choice["tied"],
+        "tie_break_metric": choice["tie_break"] or "",
+        "cannot_rank": choice["undecided"],
+    }
+
+
+def _default_values(plan: StudyPlan) -> dict[str, float]:
+    return {
+        name: candidates.candidate_metrics(plan.default, plan.space.metric)[plan.space.metric]
+        for name, candidates in plan.candidates.items()
+    }
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if "metrics" in t.user_attrs
+    ]
+
+
+def config_of(trial: optuna.trial.FrozenTrial) -> Config:
+    attrs = trial.user_attrs
+    return Config(attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"]))
+
+
+def best_config(study: optuna.Study, default: Config) -> tuple[Config, dict]:
+    """The configuration a finished study chose (see `choose`), and the choice as recorded."""
+    choice = study.user_attrs.get(CHOICE_ATTR)
+    if choice is None:
+        raise InputError(f"study {study.study_name} has not finished: no choice recorded")
+    if choice["trial"] is None:
+        return default, choice
+    return config_of(study.trials[choice["trial"]]), choice

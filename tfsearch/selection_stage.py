@@ -18,6 +18,9 @@ from tfsearch.run_folder import MILESTONE_LOG, read_milestone_log
 from tfsearch.studies import open_studies, studies_file, study_name
 from tfsearch.train import TrainDir
 
+# what settles a tie at the best selection value with --select-on val: a continuous metric on the val masks
+VALIDATION_TIE_BREAK = "pixel_ap"
+
 
 def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
     """Training configurations of a category and the milestone epochs whose maps they finished."""
@@ -108,15 +111,19 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
     checkpoints = sorted(set.intersection(*reached)) if reached else []
     if not checkpoints:
         return None
+    kernels = plan.space.values("kernel", plan.profile.kernel)
     candidates = {
-        c: CandidateSet({(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints})
+        c: CandidateSet(
+            {(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints}, kernels
+        )
         for c in categories
     }
     model = default_model(plan, categories, {m for m, _ in checkpoints})
     last = max(e for m, e in checkpoints if m == model)
     default = Config(model, last, plan.profile.lam, plan.profile.kernel)
     name = study_name(plan.space.name, plan.dataset, categories[0] if plan.space.scope != "global" else None)
-    return StudyPlan(name, plan.space, candidates, checkpoints, default)
+    tie_break = VALIDATION_TIE_BREAK if plan.select_on == "val" else None
+    return StudyPlan(name, plan.space, candidates, checkpoints, default, tie_break)
 
 
 def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str:

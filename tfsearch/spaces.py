@@ -12,8 +12,12 @@ is validated here, and an error names the file and the key:
     milestones: {every: 50}   # or a list of epochs; default: the profile's grid; its last epoch is always one
     selection:
       metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max
-      sampler: tpe            # tpe | random | grid
-      trials: 64              # Optuna trials per study (grid: the grid size when omitted)
+      sampler: exhaustive     # (default) exhaustive | grid: every candidate; tpe | random: `trials` of them
+      # trials: 64            # Optuna trials per study: required by tpe and random, refused by grid and
+                              # exhaustive, whose count is milestones x λ values x n values (x models)
+      lam_points: 21          # exhaustive: a λ range becomes this many evenly spaced values, ends included
+      all_metrics: false      # true: every candidate also gets the pixel metrics (slow); by default only
+                              # the selected and the default configuration do
       seed: 0
     params:                   # a parameter left out is fixed at the profile's default
       epoch: milestones       # milestones | last | [epochs...]
@@ -34,13 +38,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from tfsearch.config import PROFILES, Profile, get_profile
 from tfsearch.errors import InputError
 
 SCOPES = ("single", "per_class", "global")
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("exhaustive", "grid", "tpe", "random")
+ENUMERATED = ("exhaustive", "grid")  # samplers that evaluate every candidate of the space
+SELECTION_KEYS = {"metric", "sampler", "trials", "seed", "lam_points", "all_metrics"}
 METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
 TOP_KEYS = {
     "name",
@@ -93,12 +100,28 @@ class Space:
     profile_overrides: dict[str, Any]
     milestones: dict[str, Any] | tuple[int, ...] | None
     metric: str = "image_auroc"
-    sampler: str = "tpe"
-    trials: int = 0
+    sampler: str = "exhaustive"
+    trials: int = 0  # tpe / random only
     seed: int = 0
+    lam_points: int = 21
+    all_metrics: bool = False
     params: dict[str, Param] = field(default_factory=dict)
     training: TrainingSearch | None = None
     source: str = ""
+
+    @property
+    def enumerated(self) -> bool:
+        return self.sampler in ENUMERATED
+
+    def values(self, name: str, default: float | int) -> tuple:
+        """The values an exhaustive or grid study tries for `lam` or `kernel` (`default` when fixed)."""
+        param = self.params.get(name, default)
+        if isinstance(param, FloatRange):
+            # rounded so that grid points read as written (0.85, not 0.8500000000000001) and match the default
+            return tuple(round(float(v), 12) for v in np.linspace(param.low, param.high, self.lam_points))
+        if isinstance(param, Choices | Grid):
+            return tuple(param.values)
+        return (param,)
 
     def resolve_profile(self, name: str | None = None) -> Profile:
         """The training profile: the space's (or `name`), with the space's overrides."""
@@ -273,12 +296,12 @@ def parse_space(payload: object, source: str) -> Space:
         raise _fail(source, "milestones", "{every: N} or a list of epochs", milestones)
 
     selection = payload.get("selection") or {}
-    if not isinstance(selection, dict) or set(selection) - {"metric", "sampler", "trials", "seed"}:
-        raise _fail(source, "selection", "a mapping with metric, sampler, trials, seed", selection)
+    if not isinstance(selection, dict) or set(selection) - SELECTION_KEYS:
+        raise _fail(source, "selection", f"a mapping with keys among {sorted(SELECTION_KEYS)}", selection)
     metric = selection.get("metric", "image_auroc")
     if metric not in METRICS:
         raise _fail(source, "selection.metric", f"one of {METRICS}", metric)
-    sampler = selection.get("sampler", "tpe")
+    sampler = selection.get("sampler", "exhaustive")
     if sampler not in SAMPLERS:
         raise _fail(source, "selection.sampler", f"one of {SAMPLERS}", sampler)
 
@@ -289,10 +312,13 @@ def parse_space(payload: object, source: str) -> Space:
     _check_selection_params(params, source)
     if sampler == "grid" and any(isinstance(p, FloatRange) for p in params.values()):
         raise _fail(source, "params", "{grid: [...]} or fixed values with sampler: grid", "a range")
-
-    trials = selection.get("trials", grid_size(params) if sampler == "grid" else 0)
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
-        raise _fail(source, "selection.trials", "a non-negative integer", trials)
+    trials = _trials(selection, sampler, source)
+    lam_points = selection.get("lam_points", 21)
+    if isinstance(lam_points, bool) or not isinstance(lam_points, int) or lam_points < 2:
+        raise _fail(source, "selection.lam_points", "an integer of at least 2", lam_points)
+    all_metrics = selection.get("all_metrics", False)
+    if not isinstance(all_metrics, bool):
+        raise _fail(source, "selection.all_metrics", "true or false", all_metrics)
     if scope == "single" and any(isinstance(p, FloatRange | Choices | Grid) for p in params.values()):
         raise _fail(source, "params", "fixed values with scope: single", raw_params)
 
@@ -307,18 +333,32 @@ def parse_space(payload: object, source: str) -> Space:
         sampler=sampler,
         trials=trials,
         seed=int(selection.get("seed", 0)),
+        lam_points=lam_points,
+        all_metrics=all_metrics,
         params=params,
         training=_training(payload["training"], source) if payload.get("training") is not None else None,
         source=source,
     )
 
 
-def grid_size(params: dict[str, Param]) -> int:
-    size = 1
-    for param in params.values():
-        if isinstance(param, Grid | Choices):
-            size *= len(param.values)
-    return size
+def _trials(selection: dict, sampler: str, source: str) -> int:
+    """The trial budget: required for a sampler that draws, refused for one that enumerates the space."""
+    if sampler in ENUMERATED:
+        if "trials" in selection:
+            raise InputError(
+                f"{source}: selection.trials: not allowed with sampler: {sampler}, which evaluates every"
+                " candidate (milestones x λ values x n values); remove the key"
+            )
+        return 0
+    trials = selection.get("trials")
+    if trials is None:
+        raise InputError(
+            f"{source}: selection.trials: sampler: {sampler} needs the number of trials per study (e.g."
+            " trials: 64), or use sampler: exhaustive to evaluate every candidate"
+        )
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise _fail(source, "selection.trials", "a positive integer", trials)
+    return trials
 
 
 def builtin_spaces() -> dict[str, Path]:

@@ -427,6 +427,43 @@ class AnomalySynthesizer:
         )
 
 
+# ------------------------------------------------------------------------------------------------ validation
+# Validation anomalies differ from training's on purpose: a model trained on the training generator finds
+# its anomalies at every milestone (every candidate then scores 1.0 and nothing can be ranked)
+VALIDATION_THRESHOLD = 0.7  # M = 1[|P| > 0.7]: smaller regions than training's 0.5
+VALIDATION_OPACITY = (0.15, 0.5)  # fainter: partly transparent, where training's anomalies are opaque
+VALIDATION_BLUR = 9  # box size of the blurred-copy source
+
+
+@torch.no_grad()
+def validation_anomalies(
+    x0: torch.Tensor, foreground: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(defective images, masks) for held-out normal images x0 (B,3,H,W) in [−1,1], B ≥ 2.
+
+    Smaller (`VALIDATION_THRESHOLD`), fainter (`VALIDATION_OPACITY`) and from sources training never uses,
+    one per image at random: the same place of another held-out image, a brightness shift of the image, or
+    a blurred copy of it. A mask emptied by the foreground leaves that image normal."""
+    batch, size = x0.shape[0], x0.shape[-1]
+    device = x0.device
+    noise = perlin_noise(batch, size, device=device, generator=generator)[:, None]
+    mask = (noise.abs() > VALIDATION_THRESHOLD).to(x0.dtype) * foreground.to(x0.dtype)
+    shift = _uniform((batch, 1, 1, 1), 0.2, 0.6, device=device, generator=generator)
+    sign = torch.randint(0, 2, (batch, 1, 1, 1), device=device, generator=generator) * 2 - 1
+    half = VALIDATION_BLUR // 2
+    sources = torch.stack(
+        [
+            x0.roll(1, dims=0),
+            (x0 + sign * shift).clamp(-1, 1),
+            F.avg_pool2d(x0, VALIDATION_BLUR, stride=1, padding=half, count_include_pad=False),
+        ]
+    )
+    kind = torch.randint(0, len(sources), (batch,), device=device, generator=generator)
+    source = sources[kind, torch.arange(batch, device=device)]
+    opacity = _uniform((batch, 1, 1, 1), *VALIDATION_OPACITY, device=device, generator=generator)
+    return x0 + opacity * mask * (source - x0), mask
+
+
 # ------------------------------------------------------------------------------------------------ foreground
 
 

@@ -102,7 +102,7 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
     `failed` row naming the error of a category whose training failed for good."""
     import optuna
 
-    from tfsearch.selection import best_config, mean_metrics
+    from tfsearch.selection import best_config, choice_columns
 
     storage = open_studies(studies_file(plan.run_dir))
     common = {
@@ -123,19 +123,17 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
         if selection is None:
             continue
         default = selection.default
-        default_per_category = {c: s.evaluate(default) for c, s in selection.candidates.items()}
-        default_value = mean_metrics(default_per_category)[plan.space.metric]
         try:
             study = optuna.load_study(study_name=selection.name, storage=storage)
         except KeyError:
             continue
-        chosen, _ = best_config(study, default, default_value)
+        chosen, choice = best_config(study, default)
         if plan.select_on == "val":
             test = selection_plan(plan, group, split="test").candidates
         else:
             test = selection.candidates
         for category in group:
-            row = {**common, "category": category, "status": "ok", "error": ""}
+            row = {**common, "category": category, **choice_columns(choice), "status": "ok", "error": ""}
             for prefix, config in (("default", default), ("selected", chosen)):
                 own = selection.candidates[category].evaluate(config)
                 tested = own if test is selection.candidates else test[category].evaluate(config)

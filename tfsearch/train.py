@@ -36,7 +36,13 @@ from tfsearch.errors import InputError
 from tfsearch.inference import anomaly_maps, to_signed
 from tfsearch.map_cache import MapSet, map_set_exists, write_map_set
 from tfsearch.run_folder import maps_folder
-from tfsearch.synthesis import AnomalySynthesizer, foreground_masks, load_texture_bank, rotate
+from tfsearch.synthesis import (
+    AnomalySynthesizer,
+    foreground_masks,
+    load_texture_bank,
+    rotate,
+    validation_anomalies,
+)
 from tfsearch.transparency import TransparencyProcess, training_loss
 from tfsearch.unet import TransFusionUNet
 
@@ -56,8 +62,9 @@ class TrainJob:
     texture_root: Path | None = None
     fg_root: Path | None = None
     restrict_to_foreground: bool = True
-    # selection data: "none", "synthetic" (held-out good training images plus the same images with synthetic
-    # anomalies) or "folder" (the test split of CATEGORY in `val_root`, MVTec layout)
+    # selection data: "none", "synthetic" (held-out good training images plus the same images with validation
+    # anomalies unlike training's, see `validation_anomalies`) or "folder" (the test split of CATEGORY in
+    # `val_root`, MVTec layout)
     validation: str = "none"
     val_root: Path | None = None
     val_fraction: float = 0.1
@@ -205,17 +212,16 @@ def held_out(count: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 def synthetic_validation(
-    images: torch.Tensor, foreground: torch.Tensor, ids: list[str], synthesizer, seed: int
+    images: torch.Tensor, foreground: torch.Tensor, ids: list[str], seed: int
 ) -> EvalSet:
-    """Held-out good images plus the same images with a fully opaque synthetic anomaly and its mask.
+    """Held-out good images plus the same images with a validation anomaly and its mask: smaller, fainter
+    and from other sources than the training generator's (`validation_anomalies`), so that candidates differ.
 
     Drawn on the CPU from a fixed generator, so the set is the same on every device and at every milestone."""
     generator = torch.Generator().manual_seed(seed + 2)
-    x0 = to_signed(images)
-    synthetic = synthesizer(x0, foreground, generator=generator)
-    defective = x0 + synthetic.mask * (synthetic.noise - x0)
+    defective, mask = validation_anomalies(to_signed(images), foreground, generator)
     as_uint8 = ((defective + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    masks = synthetic.mask[:, 0].bool().numpy()
+    masks = mask[:, 0].bool().numpy()
     count = images.shape[0]
     return EvalSet(
         images=torch.cat([images, as_uint8]),
@@ -249,9 +255,8 @@ def prepare_data(job: TrainJob, device: torch.device, workers: int = 0) -> Prepa
         val = held_out(len(ids), job.val_fraction, job.profile.seed)
         kept = torch.ones(len(ids), dtype=torch.bool)
         kept[val] = False
-        synthesizer = AnomalySynthesizer(size, bank)
         eval_sets["val"] = synthetic_validation(
-            train_images[val], foreground[val], [ids[i] for i in val.tolist()], synthesizer, job.profile.seed
+            train_images[val], foreground[val], [ids[i] for i in val.tolist()], job.profile.seed
         )
         train_images, foreground = train_images[kept], foreground[kept]
     elif job.validation == "folder":
@@ -457,8 +462,8 @@ class Trainer:
                 "profile": self.profile.name,
             }
             maps = MapSet(
-                m_disc=m_disc.astype(np.float16),
-                m_recon=m_recon.astype(np.float16),
+                m_disc=m_disc,
+                m_recon=m_recon,
                 masks=eval_set.masks,
                 labels=eval_set.labels,
                 image_ids=eval_set.image_ids,
