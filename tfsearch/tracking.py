@@ -74,6 +74,5 @@ def tune_callbacks(run_dir: Path, name: str, mode: str, project: str | None, ent
             dir=str(run_dir),  # wandb.init writes into DIR/wandb/
             job_type="train",
             tags=[name],
-            resume="allow",  # a trial continued on --resume or a retry continues its W&B run (same id)
         )
     ]
