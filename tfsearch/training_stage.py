@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from tfsearch.errors import InputError
 from tfsearch.plan import RunPlan, model_id
 from tfsearch.spaces import TRAINABLE
 from tfsearch.studies import open_studies, studies_file, study_name
@@ -120,7 +121,13 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
             )
             # Ray restores the RunConfig it pickled at the start, and each trial keeps the retry budget it
             # was created with; neither has a public setter: set what may differ on --resume
-            run_config = tuner._local_tuner.get_run_config()
+            internal = tuner._local_tuner  # None through Ray Client (ray://), whose tuner runs remotely
+            if internal is None:
+                raise InputError(
+                    "--resume through Ray Client (ray://) cannot apply this command's --max-failures, --wandb"
+                    " and --quiet: resume with the cluster's GCS address (HOST:6379) or from the head node"
+                )
+            run_config = internal.get_run_config()
             run_config.failure_config = failure_config
             run_config.callbacks = [*callbacks, retry_budget(plan.max_failures)]
         else:
