@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -79,7 +80,12 @@ def tiny_run(ray_instance: int, tmp_path_factory: pytest.TempPathFactory, monkey
         results = tuner.fit()
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    return SimpleNamespace(port=port, run_dir=run_dir, results={r.config["category"]: r for r in results})
+    return SimpleNamespace(
+        port=port,
+        run_dir=run_dir,
+        results={r.config["category"]: r for r in results},
+        finished=time.monotonic(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +102,40 @@ def test_custom_metrics_appear_on_the_metrics_port_during_a_run(tiny_run):
     for category, value in SELECTION_VALUES.items():
         assert wait_for(tiny_run.port, "ray_tfsearch_best_selection_value", category) == [value]
         assert wait_for(tiny_run.port, "ray_tfsearch_trials_finished_total", category) == [1.0]
+
+
+def test_the_best_values_stay_on_the_port_after_the_run(tiny_run):
+    # Ray's agent drops a gauge series 2 export intervals (20 s) after it was last set: the driver's best
+    # values, set once per result, must still be there well after that
+    time.sleep(max(0.0, tiny_run.finished + 30.0 - time.monotonic()))
+    text = scrape(tiny_run.port)
+    assert {c: series(text, "ray_tfsearch_best_selection_value", c) for c in SELECTION_VALUES} == {
+        c: [v] for c, v in SELECTION_VALUES.items()
+    }
+
+
+def test_refresh_sets_every_gauge_of_the_process_again(monkeypatch):
+    from tfsearch import telemetry
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def set(self, value, tags):
+            calls.append((self.name, tags["category"], value))
+
+    monkeypatch.setattr(telemetry, "_ray_running", lambda: True)
+    monkeypatch.setattr(telemetry, "_metric", Recorder)
+    monkeypatch.setattr(telemetry, "_gauges", {})
+    monkeypatch.setattr(telemetry, "_refresher", threading.current_thread())  # no background thread here
+    telemetry.record_best("a", 0.5)
+    telemetry.record_best("a", 0.75)
+    telemetry.record_milestone("b", 3)
+    calls.clear()
+    telemetry.refresh()
+    assert sorted(calls) == [(telemetry.BEST_VALUE, "a", 0.75), (telemetry.IMAGES_PER_SECOND, "b", 3.0)]
 
 
 def test_each_training_trial_is_a_wandb_run_offline(tiny_run):
@@ -122,6 +162,8 @@ def test_tune_callbacks_follow_the_mode(tmp_path, monkeypatch):
     (callback,) = tune_callbacks(Path("relative-run"), "x", "online", "proj", "team")
     # the mode reaches the logging actor through wandb.init, not only through this process's environment
     assert callback.kwargs["mode"] == "online" and Path(callback.kwargs["dir"]).is_absolute()
+    # Ray passes the trial id as the run id and lets these keyword arguments override its resume=False
+    assert callback.kwargs["resume"] == "allow"
     assert (callback.project, callback.kwargs["entity"], callback.group) == ("proj", "team", "x")
     assert not (tmp_path / "relative-run" / "wandb" / SYNC_NOTE).exists()  # online: nothing to sync by hand
 

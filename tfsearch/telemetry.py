@@ -11,11 +11,17 @@ Grafana panels and any Prometheus server can read them:
 Each node exports only the series of its own processes: the training speed appears on the node that ran the
 trial, the other two on the driver's node. The metric objects are made on first use in each process, and every
 call is a no-op when Ray is not initialised (plain `tfsearch train`, unit tests), so callers need no guard.
+
+Ray 2.60's metrics agent drops a gauge series about two export intervals (20 s by default) after its process
+last set it, so a value set once (the best so far, the speed at the last milestone) would vanish from the port
+between results. Each process therefore sets its gauges again every `REFRESH_S` seconds from a daemon thread.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from typing import Any
 
 TAG_KEYS = ("category",)
@@ -29,8 +35,13 @@ _KINDS = {
     BEST_VALUE: ("Gauge", "best selection value reported so far"),
     TRIALS_FINISHED: ("Counter", "training trials finished"),
 }
+REFRESH_S = 5.0
 # this process's metric objects, by name; Ray registers each name once per process
 _metrics: dict[str, Any] = {}
+# the last value of each gauge series of this process, by (metric name, category), set again every REFRESH_S
+_gauges: dict[tuple[str, str], float] = {}
+_lock = threading.Lock()
+_refresher: threading.Thread | None = None
 
 
 def _ray_running() -> bool:
@@ -48,16 +59,41 @@ def _metric(name: str) -> Any:
     return _metrics[name]
 
 
+def _set_gauge(name: str, category: str, value: float) -> None:
+    global _refresher
+    if not _ray_running():
+        return
+    with _lock:
+        _gauges[(name, category)] = float(value)
+        _metric(name).set(float(value), tags={"category": category})
+        if _refresher is None:
+            _refresher = threading.Thread(target=_keep_gauges, name="tfsearch-gauges", daemon=True)
+            _refresher.start()
+
+
+def refresh() -> None:
+    """Set every gauge series of this process again to its last value, so the metrics agent keeps it."""
+    if not _ray_running():
+        return
+    with _lock:
+        for (name, category), value in _gauges.items():
+            _metric(name).set(value, tags={"category": category})
+
+
+def _keep_gauges() -> None:
+    while True:
+        time.sleep(REFRESH_S)
+        refresh()
+
+
 def record_milestone(category: str, images_per_second: float) -> None:
     """Training speed of a trial at its latest milestone (called in the training trial, on its node)."""
-    if _ray_running():
-        _metric(IMAGES_PER_SECOND).set(float(images_per_second), tags={"category": category})
+    _set_gauge(IMAGES_PER_SECOND, category, images_per_second)
 
 
 def record_best(category: str, value: float) -> None:
     """The best selection value the driver has seen for a category."""
-    if _ray_running():
-        _metric(BEST_VALUE).set(float(value), tags={"category": category})
+    _set_gauge(BEST_VALUE, category, value)
 
 
 def record_trial_finished(category: str) -> None:

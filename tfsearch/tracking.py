@@ -74,5 +74,8 @@ def tune_callbacks(run_dir: Path, name: str, mode: str, project: str | None, ent
             dir=str(run_dir),  # wandb.init writes into DIR/wandb/
             job_type="train",
             tags=[name],
+            # Ray names each W&B run by its trial id: a trial retried or continued on --resume logs on into
+            # its run instead of restarting it (Ray's default is resume=False)
+            resume="allow",
         )
     ]
