@@ -106,7 +106,7 @@ def test_a_failed_category_fails_the_run_and_resume_retries_only_it(
         r["category"] for r in read_rows(plan.run_dir / "trials.csv") if r["stage"] == "select"
     }
     assert "demo/stripes: failed (" in (plan.run_dir / "report" / "report.md").read_text()
-    disk_checkpoint = plan.train_dir("disk", "default") / "checkpoints" / "epoch-0002" / "trainer.pt"
+    disk_checkpoint = plan.train_dir("disk", "default") / "checkpoints" / "epoch-0002" / "model.pt"
     stamp = disk_checkpoint.stat().st_mtime_ns
 
     # resumed with more retries: stripes fails twice more and then trains; disk is not trained again

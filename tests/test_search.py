@@ -243,7 +243,7 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "tfsearch.cli", *args], env=env)
-    first = root / "killed" / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001" / "trainer.pt"
+    first = root / "killed" / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001" / "model.pt"
     deadline = time.time() + 240
     while not first.exists() and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)

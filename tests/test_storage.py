@@ -132,8 +132,11 @@ def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, r
     store = Location.parse(storage).child("s3")
     training = store.files("train/stripes/default")
     for epoch in ("0001", "0002"):
-        assert f"checkpoints/epoch-{epoch}/trainer.pt" in training
+        assert f"checkpoints/epoch-{epoch}/model.pt" in training
         assert f"maps/test/epoch-{epoch}/meta.json" in training
+    # the optimiser state only at the latest milestone, and no second copy of any checkpoint in Tune's folder
+    assert [f for f in training if f.endswith("trainer.pt")] == ["checkpoints/epoch-0002/trainer.pt"]
+    assert not [f for f in store.files("tune") if "checkpoint" in f]
     assert {"job.json", "history.csv", "milestones.json"} <= set(training)
     assert store.folders("tune") == ["train"]
     # and the results the run folder wrote last: the studies and the report

@@ -53,8 +53,16 @@ def test_a_short_run_lowers_the_loss(demo_dataset_root, tmp_path):
 def test_milestones_write_checkpoints_and_maps(demo_dataset_root, tmp_path):
     trainer = train(tiny_job(demo_dataset_root), tmp_path / "run", QUIET)
     run = TrainDir(tmp_path / "run")
-    assert run.checkpoint_epochs() == [2, 4]
+    # weights at every milestone; the whole training state (optimiser included) at the latest only
+    assert run.weight_epochs() == [2, 4] and run.checkpoint_epochs() == [4]
     assert run.map_epochs() == [2, 4]
+    weights = torch.load(run.checkpoint(2) / "model.pt", weights_only=True)
+    assert set(weights) == {"model", "epoch"} and weights["epoch"] == 2
+    state = torch.load(run.checkpoint(4) / "trainer.pt", weights_only=True)
+    assert "optimizer" in state and all(
+        torch.equal(state["model"][k], v)
+        for k, v in torch.load(run.checkpoint(4) / "model.pt", weights_only=True)["model"].items()
+    )
     maps = read_map_set(run.maps(4))
     category = trainer.data.category
     assert list(maps.image_ids) == [s.image_id for s in category.test]
@@ -79,7 +87,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(demo_dataset_root, tmp_
     with pytest.raises(Stop):
         train(job, tmp_path / "b", QUIET, on_milestone=stop_after_first)
     assert TrainDir(tmp_path / "b").checkpoint_epochs() == [2]
-    first_checkpoint = (TrainDir(tmp_path / "b").checkpoint(2) / "trainer.pt").read_bytes()
+    first_weights = (TrainDir(tmp_path / "b").checkpoint(2) / "model.pt").read_bytes()
     resumed = train(job, tmp_path / "b", QUIET, resume=True)
 
     for key, value in reference.model.state_dict().items():
@@ -94,15 +102,24 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(demo_dataset_root, tmp_
     ]
     a, b = read_map_set(TrainDir(tmp_path / "a").maps(4)), read_map_set(TrainDir(tmp_path / "b").maps(4))
     assert np.array_equal(a.m_disc, b.m_disc) and np.array_equal(a.m_recon, b.m_recon)
-    # the milestone that existed was not rewritten
-    assert (TrainDir(tmp_path / "b").checkpoint(2) / "trainer.pt").read_bytes() == first_checkpoint
+    # the milestone that existed was not rewritten, and its training state went when the next one came
+    assert (TrainDir(tmp_path / "b").checkpoint(2) / "model.pt").read_bytes() == first_weights
+    assert TrainDir(tmp_path / "b").checkpoint_epochs() == [4]
 
 
-def test_lost_maps_are_recomputed_from_the_checkpoint(demo_dataset_root, tmp_path):
+@pytest.mark.parametrize("layout", ["model.pt", "trainer.pt at every milestone"])
+def test_lost_maps_are_recomputed_from_the_weights(demo_dataset_root, tmp_path, layout):
     job = tiny_job(demo_dataset_root)
     train(job, tmp_path / "run", QUIET)
     run = TrainDir(tmp_path / "run")
     before = read_map_set(run.maps(2)).m_disc.copy()
+    if layout != "model.pt":  # a run written before model.pt: the weights are in each milestone's trainer.pt
+        weights = run.checkpoint(2) / "model.pt"
+        state = {"model": torch.load(weights, weights_only=True)["model"]}
+        torch.save(state, weights.with_name("trainer.pt"))
+        weights.unlink()
+        (run.checkpoint(4) / "model.pt").unlink()
+        assert run.weight_epochs() == [2, 4] and run.weights(2).name == "trainer.pt"
     checkpoint = (run.checkpoint(4) / "trainer.pt").stat().st_mtime_ns
     shutil.rmtree(run.maps(2))
     trainer = train(job, tmp_path / "run", QUIET, resume=True)

@@ -17,19 +17,19 @@ from tfsearch.train import Runtime, TrainDir, Trainer, add_runtime_arguments
 
 
 def milestone_maps(run_dir: Path, epoch: int | None = None, runtime: Runtime | None = None) -> Path:
-    """The map-cache folder of `epoch` (default: the last milestone with a checkpoint or maps)."""
+    """The map-cache folder of `epoch` (default: the last milestone with weights or maps)."""
     train_dir = TrainDir(run_dir)
     job = train_dir.load_job()
-    with_maps, with_checkpoints = train_dir.map_epochs(), train_dir.checkpoint_epochs()
-    available = sorted(set(with_maps) | set(with_checkpoints))
+    with_maps = train_dir.map_epochs()
+    available = sorted(set(with_maps) | set(train_dir.weight_epochs()))
     if not available:
-        raise InputError(f"{run_dir} has no finished milestone yet (no checkpoint and no maps)")
+        raise InputError(f"{run_dir} has no finished milestone yet (no weights and no maps)")
     epoch = available[-1] if epoch is None else epoch
     if epoch not in available:
         raise InputError(f"--epoch {epoch}: {run_dir} has milestones {available}")
     if epoch not in with_maps:
         trainer = Trainer(job, run_dir, runtime or Runtime(progress=False))
-        trainer.load_checkpoint(epoch)
+        trainer.load_weights(epoch)
         trainer.write_maps(epoch)
     return train_dir.maps(epoch)
 

@@ -41,13 +41,13 @@ from tfsearch.map_cache import read_map_set
 from tfsearch.metrics import METRIC_NAMES, fuse, image_scores
 from tfsearch.run_folder import CONFIG_FILE, SELECTED_FILE, now
 from tfsearch.storage import Location
-from tfsearch.train import CHECKPOINT_FILE, TrainDir
+from tfsearch.train import CHECKPOINT_FILE, MODEL_FILE, TrainDir
 
 EXPORT_FORMAT = "tfsearch-export"
 EXPORT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.pt"
-# the key of a training checkpoint that holds the model's state dict (tfsearch.train.Trainer.state)
+# the key of a training run's model.pt (and trainer.pt) that holds the model's state dict
 MODEL_STATE_KEY = "model"
 # what a manifest must hold, by section, for a model to be rebuilt and used
 MANIFEST_KEYS = {
@@ -187,30 +187,44 @@ class TrainingRun:
     def maps(self, epoch: int, split: str) -> Path:
         folder = self.dir.maps(epoch, split)
         if self.remote is not None and not folder.is_dir():
-            self.remote.download(folder.relative_to(self.dir.root).as_posix(), folder)
+            self.remote.download(self.relative(folder), folder)
         return folder
 
-    def model_state(self, epoch: int) -> dict:
-        """The model's state dict at `epoch`, and nothing else of the checkpoint."""
+    def model_state(self, epoch: int) -> tuple[dict, str]:
+        """The model's state dict at `epoch`, and nothing else of the checkpoint; with the file it came
+        from, relative to the training run (the milestone's model.pt, or trainer.pt in older runs)."""
         import torch
 
-        path = self.dir.checkpoint(epoch) / CHECKPOINT_FILE
+        folder = self.dir.checkpoint(epoch)
         scratch = None
         try:
-            if self.remote is not None:
+            if self.remote is None:
+                path = self.dir.weights(epoch)
+            else:
                 scratch = Path(tempfile.mkdtemp(prefix="tfsearch-export-"))
-                if not self.remote.download(path.relative_to(self.dir.root).as_posix(), scratch / path.name):
-                    raise InputError(f"{self.remote.uri} holds no checkpoint of epoch {epoch}")
-                path = scratch / path.name
+                path = next(
+                    (
+                        scratch / name
+                        for name in (MODEL_FILE, CHECKPOINT_FILE)
+                        if self.remote.download(self.relative(folder / name), scratch / name)
+                    ),
+                    folder / MODEL_FILE,
+                )
             if not path.is_file():
-                raise InputError(f"no checkpoint of the selected epoch {epoch}: {path} is missing")
+                where = self.remote.uri if self.remote is not None else self.dir.root
+                raise InputError(
+                    f"no weights of the selected epoch {epoch} in {where}: {path.name} is missing"
+                )
             state = torch.load(path, map_location="cpu", weights_only=True)
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
         if not isinstance(state, dict) or not isinstance(state.get(MODEL_STATE_KEY), dict):
             raise InputError(f"{path} is not a tfsearch checkpoint: no {MODEL_STATE_KEY!r} state dict")
-        return state[MODEL_STATE_KEY]
+        return state[MODEL_STATE_KEY], self.relative(folder / path.name)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.dir.root).as_posix()
 
 
 def read_config(run: Path) -> dict:
@@ -257,7 +271,7 @@ def export_category(
     fused = fuse(maps.m_disc, maps.m_recon, selected.lam, selected.kernel)
     threshold = {**choose_threshold(image_scores(fused), maps.labels, at_fpr), "split": split}
 
-    state = source.model_state(selected.epoch)
+    state, weights_source = source.model_state(selected.epoch)
     model = TransFusionUNet(job.profile)
     check_weights(model, state, f"the checkpoint of epoch {selected.epoch} in {source.dir.root}")
     buffer = io.BytesIO()
@@ -296,7 +310,7 @@ def export_category(
             "run": str(run.resolve()),
             "run_name": config.get("name"),
             "training_run": source.remote.uri if source.remote else str(source.dir.root.resolve()),
-            "checkpoint": f"checkpoints/epoch-{selected.epoch:04d}/{CHECKPOINT_FILE}",
+            "checkpoint": weights_source,
         },
         "versions": library_versions(),
         "exported_at": now(),

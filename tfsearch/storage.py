@@ -168,6 +168,12 @@ class Location:
             self._get(self._full(posixpath.join(relative, name)), Path(local) / name)
         return True
 
+    def delete(self, relative: str) -> None:
+        """Remove one file (nothing when it is not there)."""
+        target = self._full(relative)
+        if self.filesystem.get_file_info(target).type == pafs.FileType.File:
+            self.filesystem.delete_file(target)
+
     def _put(self, source: Path, target: str) -> None:
         """One file copied whole: readers see all of it or none (a rename in a folder, one object PUT)."""
         with source.open("rb") as reader:

@@ -4,7 +4,9 @@ A training run lives in one folder (`TrainDir`):
 
     RUN_DIR/job.json                    the resolved job (dataset, category, profile, milestones, ...)
     RUN_DIR/history.csv                 one row per epoch: losses, learning rate, images/s
-    RUN_DIR/checkpoints/epoch-0040/     trainer.pt: model, optimiser, LR schedule, epoch, RNG states
+    RUN_DIR/checkpoints/epoch-0040/     model.pt: the network's weights (every milestone; export reads them)
+                                        trainer.pt: model, optimiser, LR schedule, epoch, RNG states
+                                        (the latest milestone only: resuming needs no other)
     RUN_DIR/maps/test/epoch-0040/       raw M_disc / M_recon of every test image (tfsearch.map_cache)
     RUN_DIR/maps/val/epoch-0040/        the same for the selection data, when the job has some
 
@@ -47,7 +49,8 @@ from tfsearch.transparency import TransparencyProcess, training_loss
 from tfsearch.unet import TransFusionUNet
 
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINT_FILE = "trainer.pt"
+CHECKPOINT_FILE = "trainer.pt"  # the whole training state, kept at the latest milestone only
+MODEL_FILE = "model.pt"  # the network's weights, kept at every milestone
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,23 @@ class TrainDir:
     def maps(self, epoch: int, split: str = "test") -> Path:
         return maps_folder(self.root, epoch, split)
 
-    def checkpoint_epochs(self) -> list[int]:
+    def _epochs_with(self, name: str) -> list[int]:
         folder = self.root / "checkpoints"
-        return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob(f"epoch-*/{CHECKPOINT_FILE}"))
+        return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob(f"epoch-*/{name}"))
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Milestones whose whole training state is kept (the latest; every one in runs before model.pt)."""
+        return self._epochs_with(CHECKPOINT_FILE)
+
+    def weight_epochs(self) -> list[int]:
+        """Milestones whose network weights are kept: every milestone reached."""
+        return sorted(set(self._epochs_with(MODEL_FILE)) | set(self.checkpoint_epochs()))
+
+    def weights(self, epoch: int) -> Path:
+        """The file holding the weights of milestone `epoch` under the key "model" (a run written before
+        model.pt existed has them only in trainer.pt)."""
+        folder = self.checkpoint(epoch)
+        return folder / MODEL_FILE if (folder / MODEL_FILE).exists() else folder / CHECKPOINT_FILE
 
     def map_epochs(self, split: str = "test") -> list[int]:
         folder = self.root / "maps" / split
@@ -324,16 +341,30 @@ class Trainer:
         self.history = list(state["history"])
 
     def save_checkpoint(self) -> Path:
+        """The milestone's weights and the whole training state; then the training state of every earlier
+        milestone goes (its weights stay): the optimiser's moments are twice the model, at every milestone."""
         folder = self.dir.checkpoint(self.epoch)
-        buffer = io.BytesIO()
-        torch.save(self.state(), buffer)
-        atomic_write(folder / CHECKPOINT_FILE, lambda handle: handle.write(buffer.getbuffer()))
+        for name, state in (
+            (MODEL_FILE, {"model": self.model.state_dict(), "epoch": self.epoch}),
+            (CHECKPOINT_FILE, self.state()),
+        ):
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            atomic_write(folder / name, lambda handle, data=buffer: handle.write(data.getbuffer()))
+        for epoch in self.dir.checkpoint_epochs():
+            if epoch < self.epoch:
+                (self.dir.checkpoint(epoch) / CHECKPOINT_FILE).unlink(missing_ok=True)
         return folder
 
-    def load_checkpoint(self, epoch: int | None = None, folder: Path | None = None) -> None:
-        """Load the checkpoint of a milestone of this run, or one in another folder (a Ray Tune copy)."""
-        path = (folder or self.dir.checkpoint(epoch)) / CHECKPOINT_FILE
+    def load_checkpoint(self, epoch: int) -> None:
+        """Continue from the whole training state saved at milestone `epoch`."""
+        path = self.dir.checkpoint(epoch) / CHECKPOINT_FILE
         self.load_state(torch.load(path, map_location=self.device, weights_only=True))
+
+    def load_weights(self, epoch: int) -> None:
+        """The network as it was at milestone `epoch` (to compute its maps); the rest of the state is kept."""
+        state = torch.load(self.dir.weights(epoch), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
 
     # --- setup
     def start(self, resume: bool) -> None:
@@ -348,12 +379,12 @@ class Trainer:
             changed = sorted(k for k in job_dict if job_dict[k] != stored[k])
             if changed:
                 raise InputError(f"--resume: {self.dir.job_file} differs from this job in {changed}")
-            done = self.dir.checkpoint_epochs()
-            # a crash between a checkpoint and its maps: recompute the maps from the checkpoint, never retrain
-            for epoch in done:
+            # a crash between a checkpoint and its maps: recompute the maps from the weights, never retrain
+            for epoch in self.dir.weight_epochs():
                 if epoch in self.milestones and not self.has_maps(epoch):
-                    self.load_checkpoint(epoch)
+                    self.load_weights(epoch)
                     self.write_maps(epoch)
+            done = self.dir.checkpoint_epochs()
             if done:
                 self.load_checkpoint(done[-1])
         else:

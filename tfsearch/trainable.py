@@ -2,12 +2,14 @@
 
 It is a plain function of its config (category, training hyperparameters) and the plan's settings; retries,
 placement and restore are Ray Tune's. At each milestone it scores the default (λ, n) on the selection split,
-logs the milestone in the training folder and reports to Tune with the checkpoint folder, which Tune
-persists and hands back on a retry.
+logs the milestone in the training folder and reports to Tune. The training folder in the storage is the one
+copy of a run's checkpoints: a retried or resumed trial continues from its latest milestone there, so Tune is
+handed no checkpoint of its own to copy (which would store every milestone twice).
 
 With an object-store `--storage` a trial works in a node-local scratch folder (`TrainingFolder`): it first
 downloads what the storage holds of its training run (so a trial continued on another node never retrains a
-milestone) and uploads each milestone (maps, checkpoint, history, then the milestone log) before reporting it.
+milestone) and uploads each milestone once (maps, weights, training state, history, then the milestone log)
+before reporting it; the scratch folder goes when the trial ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +46,8 @@ class TrainingFolder:
 
     In a storage folder (local or shared) it is the training run itself. With an object store it is a
     node-local scratch copy: entering fetches what the store holds of the run (job, history, milestone log,
-    the last checkpoint and every milestone not yet logged, with their maps), `publish` uploads a milestone,
-    and the copy is deleted when the trial ends, since all of it was uploaded.
+    the latest training state and every milestone not yet logged, with their maps), `publish` uploads a
+    milestone, and the copy is deleted when the trial ends, since all of it was uploaded.
     """
 
     def __init__(self, storage: str, category: str, model: str) -> None:
@@ -71,40 +74,52 @@ class TrainingFolder:
         return path.relative_to(self.path).as_posix()
 
     def pull(self) -> None:
-        from tfsearch.train import CHECKPOINT_FILE
+        """Fetch the job, history and milestone log, the latest whole training state, and the weights and
+        maps of every milestone the log does not list yet (a killed attempt saved them but did not log)."""
+        from tfsearch.train import CHECKPOINT_FILE, MODEL_FILE
 
         folder = TrainDir(self.path)
         for path in (folder.job_file, folder.history_file, self.path / MILESTONE_LOG):
             self.remote.download(self.relative(path), path)
-        stored = self.remote.files("checkpoints")  # "epoch-0040/trainer.pt", ...
-        epochs = sorted(int(f.split("/")[0].split("-")[1]) for f in stored if f.endswith(CHECKPOINT_FILE))
-        if not epochs:
-            return
+        stored = self.remote.files("checkpoints")  # "epoch-0040/model.pt", "epoch-0040/trainer.pt", ...
+
+        def epochs(name: str) -> set[int]:
+            return {int(f.split("/")[0].split("-")[1]) for f in stored if f.endswith("/" + name)}
+
+        with_state = epochs(CHECKPOINT_FILE)
         logged = {r["epoch"] for r in read_milestone_log(self.path)}
-        for epoch in sorted({epochs[-1], *(set(epochs) - logged)}):
+        wanted = (epochs(MODEL_FILE) | with_state) - logged | ({max(with_state)} if with_state else set())
+        for epoch in sorted(wanted):
             self.remote.download(self.relative(folder.checkpoint(epoch)), folder.checkpoint(epoch))
             for split in self.remote.folders("maps"):
                 self.remote.download(self.relative(folder.maps(epoch, split)), folder.maps(epoch, split))
 
     def publish(self, epoch: int) -> None:
-        """Upload milestone `epoch`: maps first, then the checkpoint, history and (last) the milestone log,
-        so that whatever the store holds of a milestone is complete once the log lists it."""
+        """Upload milestone `epoch` once, its parts in parallel: maps, weights and training state, job and
+        history; then the milestone log, so whatever the store holds of a milestone is complete once the log
+        lists it; then the training state of earlier milestones goes from the store, as it did here."""
         if self.remote is None:
             return
+        from tfsearch.train import CHECKPOINT_FILE
+
         folder = TrainDir(self.path)
         parts = [folder.maps(epoch, split) for split in ("test", "val")]
-        parts += [folder.checkpoint(epoch), folder.job_file, folder.history_file, self.path / MILESTONE_LOG]
-        for part in parts:
-            if part.exists():
-                self.remote.upload(part, self.relative(part))
+        parts += [folder.checkpoint(epoch), folder.job_file, folder.history_file]
+        parts = [part for part in parts if part.exists()]
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            list(pool.map(lambda part: self.remote.upload(part, self.relative(part)), parts))
+        self.remote.upload(self.path / MILESTONE_LOG, MILESTONE_LOG)
+        for name in self.remote.files("checkpoints"):
+            older = name.endswith("/" + CHECKPOINT_FILE) and int(name.split("/")[0].split("-")[1]) < epoch
+            if older:
+                self.remote.delete(f"checkpoints/{name}")
 
 
 def train_category(config: dict, settings: dict) -> None:
     """Ray Tune trainable: train one category (one training configuration) to its last milestone.
 
     At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
-    folder (uploaded to an object-store storage) and reports to Tune with the checkpoint folder, which Tune
-    persists and hands back on a retry.
+    folder (uploaded to an object-store storage) and reports to Tune.
     """
     category = config["category"]
     train_params = {k: config[k] for k in TRAINABLE if k in config}
@@ -122,7 +137,7 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
     from tfsearch import telemetry
     from tfsearch.map_cache import read_map_set
     from tfsearch.metrics import GroundTruth, evaluate, fuse
-    from tfsearch.train import CHECKPOINT_FILE, Runtime, Trainer
+    from tfsearch.train import Runtime, Trainer
 
     model = model_id(train_params)
     job = job_from_settings(settings, category, train_params)
@@ -132,13 +147,7 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
 
     runtime = Runtime("auto", settings["precision"], progress=False, channels_last=settings["channels_last"])
     trainer = Trainer(job, train_dir, runtime)
-    trainer.start(resume=True)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as saved:
-            state = torch.load(Path(saved) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=True)
-        if state["epoch"] > trainer.epoch:
-            trainer.load_state(state)
+    trainer.start(resume=True)  # a retried or resumed trial continues from its folder's latest milestone
     node_id = ray.get_runtime_context().get_node_id()
     started = now()
 
@@ -189,7 +198,6 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
                 "selection_value": 0.0 if math.isnan(value) else value,
                 **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
             },
-            checkpoint=tune.Checkpoint.from_directory(str(milestone.checkpoint)),
         )
 
     trainer.fit(on_milestone=report)

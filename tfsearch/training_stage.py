@@ -140,7 +140,6 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
                 storage_path=tune_root.path,
                 storage_filesystem=filesystem,
                 failure_config=failure_config,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
                 verbose=0,
             )
