@@ -116,6 +116,11 @@ def test_builtin_epochs_only_space_varies_the_epoch_alone():
 # ------------------------------------------------------------------------------------------ studies
 EPOCHS = (10, 20, 30)
 EPOCHS_ONLY = {"epoch": "milestones", "lam": 0.95, "kernel": 3}
+# 3 milestones x 3 λ x 2 n
+SMALL_GRID = {
+    "selection": {"sampler": "exhaustive", "lam_points": 3},
+    "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
+}
 
 
 def write_milestones(root: Path, signal: dict[int, float], n: int = 8, size: int = 12) -> dict:
@@ -148,11 +153,7 @@ def study_plan(tmp_path, payload: dict, signal: dict[int, float], tie_break: str
 
 
 def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
-    payload = {
-        "selection": {"sampler": "exhaustive", "lam_points": 3},
-        "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
-    }
-    plan = study_plan(tmp_path, payload, {10: 0.1, 20: 0.3, 30: 0.2})
+    plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
     storage = optuna.storages.InMemoryStorage()
     study = run_study(storage, plan)
     frame = candidates_frame(study)
@@ -205,11 +206,7 @@ def test_bulk_trials_in_sqlite_are_the_records_add_trials_makes(tmp_path):
 
 
 def test_exhaustive_study_in_sqlite_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, monkeypatch):
-    payload = {
-        "selection": {"sampler": "exhaustive", "lam_points": 3},
-        "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
-    }
-    plan = study_plan(tmp_path, payload, {10: 0.1, 20: 0.3, 30: 0.2})
+    plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
     expected = run_study(optuna.storages.InMemoryStorage(), plan)
     monkeypatch.setattr(selection, "BULK", 4)
     writes = []
