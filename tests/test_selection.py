@@ -12,12 +12,14 @@ import torch
 import yaml
 from conftest import inspect_offline_run
 
+from tfsearch import selection
 from tfsearch.errors import InputError
 from tfsearch.map_cache import MapSet, write_map_set
 from tfsearch.metrics import GroundTruth, auroc, fuse, image_auroc, image_maxima, image_scores
 from tfsearch.selection import CandidateSet, Config, StudyPlan, best_config, choice_columns, run_study
 from tfsearch.selection_log import candidates_frame, grid_importance, importance_rows, log_studies_to_wandb
 from tfsearch.spaces import load_space, parse_space
+from tfsearch.studies import add_finished_trials, open_studies
 from tfsearch.synthesis import VALIDATION_OPACITY, perlin_masks, perlin_noise, validation_anomalies
 
 KERNELS = (1, 3, 5, 7)
@@ -114,6 +116,11 @@ def test_builtin_epochs_only_space_varies_the_epoch_alone():
 # ------------------------------------------------------------------------------------------ studies
 EPOCHS = (10, 20, 30)
 EPOCHS_ONLY = {"epoch": "milestones", "lam": 0.95, "kernel": 3}
+# 3 milestones x 3 λ x 2 n
+SMALL_GRID = {
+    "selection": {"sampler": "exhaustive", "lam_points": 3},
+    "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
+}
 
 
 def write_milestones(root: Path, signal: dict[int, float], n: int = 8, size: int = 12) -> dict:
@@ -146,11 +153,7 @@ def study_plan(tmp_path, payload: dict, signal: dict[int, float], tie_break: str
 
 
 def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
-    payload = {
-        "selection": {"sampler": "exhaustive", "lam_points": 3},
-        "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
-    }
-    plan = study_plan(tmp_path, payload, {10: 0.1, 20: 0.3, 30: 0.2})
+    plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
     storage = optuna.storages.InMemoryStorage()
     study = run_study(storage, plan)
     frame = candidates_frame(study)
@@ -166,6 +169,68 @@ def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
     assert trial.value == plan.candidates["c"].evaluate(config)["image_auroc"]
     assert study.trials[0].params == {"checkpoint": "default@10", "lam": 0.5, "kernel": 1}
     assert run_study(storage, plan).trials == study.trials  # resumed: nothing added twice
+
+
+def test_bulk_trials_in_sqlite_are_the_records_add_trials_makes(tmp_path):
+    choices = optuna.distributions.CategoricalDistribution(["a@1", "a@2"])
+    trials = [
+        optuna.trial.create_trial(
+            params={"checkpoint": name}, distributions={"checkpoint": choices}, value=value,
+            state=optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL,
+            user_attrs={"metrics": {"c": {"image_auroc": value}}, "lam": 0.5}, system_attrs={"s": [1, 2]},
+            intermediate_values={0: 0.25},
+        )
+        for name, value in (("a@1", 0.5), ("a@2", None), ("a@1", -math.inf))
+    ]  # fmt: skip
+    storage = open_studies(tmp_path / "studies.db")
+    one_by_one = optuna.create_study(study_name="one", storage=storage, direction="maximize")
+    bulk = optuna.create_study(study_name="bulk", storage=storage, direction="maximize")
+    one_by_one.add_trials(trials + trials)
+    assert add_finished_trials(storage, bulk, trials) == range(3)
+    assert add_finished_trials(storage, bulk, trials) == range(3, 6)  # numbered after the study's trials
+
+    def record(trial):
+        return {k: v for k, v in vars(trial).items() if k != "_trial_id"}
+
+    reopened = open_studies(tmp_path / "studies.db")
+    written = [optuna.load_study(study_name=n, storage=reopened).trials for n in ("one", "bulk")]
+    assert [record(t) for t in written[1]] == [record(t) for t in written[0]]
+    other = optuna.trial.create_trial(
+        params={"checkpoint": "a@3"},
+        distributions={"checkpoint": optuna.distributions.CategoricalDistribution(["a@3"])},
+        value=1.0,
+    )
+    with pytest.raises(ValueError, match="does not support dynamic value space"):
+        add_finished_trials(storage, bulk, [other])  # as add_trials refuses a changed distribution
+    assert len(bulk.trials) == 6
+
+
+def test_exhaustive_study_in_sqlite_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, monkeypatch):
+    plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
+    expected = run_study(optuna.storages.InMemoryStorage(), plan)
+    monkeypatch.setattr(selection, "BULK", 4)
+    writes = []
+
+    def killed_at_the_third_write(storage, study, trials):
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        writes.append(len(trials))
+        return add_finished_trials(storage, study, trials)
+
+    monkeypatch.setattr(selection, "add_finished_trials", killed_at_the_third_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(open_studies(tmp_path / "studies.db"), plan)
+    monkeypatch.setattr(selection, "add_finished_trials", add_finished_trials)
+    assert len(optuna.load_study(study_name="t/c", storage=open_studies(tmp_path / "studies.db")).trials) == 8
+    study = run_study(open_studies(tmp_path / "studies.db"), plan)
+    trials = optuna.load_study(study_name="t/c", storage=open_studies(tmp_path / "studies.db")).trials
+    assert [t.number for t in trials] == list(range(18))
+
+    def record(trial):
+        return trial.params, trial.value, trial.state, trial.user_attrs
+
+    assert [record(t) for t in trials] == [record(t) for t in expected.trials]
+    assert study.user_attrs["choice"] == expected.user_attrs["choice"]
 
 
 def test_epochs_only_study_picks_the_brute_force_best_milestone(tmp_path):

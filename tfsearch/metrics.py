@@ -32,7 +32,9 @@ A metric that is undefined for the ground truth (no defect image, no normal imag
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -307,57 +309,69 @@ def _check_limit(limit: float) -> None:
 
 
 # images per block of the integral-image filter: a block's float64 integral images stay in the CPU's cache
-FILTER_BLOCK = 16
+FILTER_BLOCK = 8
 
 
 def mean_filter(maps: np.ndarray, kernel: int) -> np.ndarray:
     """n×n zero-padded mean of every map of a stack (N, H, W): `convolve2d(m, ones((n, n)) / n², "same")`.
 
-    From each map's integral image in float64, so the cost does not grow with n and every box sum of float16
-    maps is exact (their values are multiples of 2^-24 and 2^17 of them fit in 53 bits); the mean is then
-    rounded once to float32. float16/float32 maps give float32, float64 maps give float64.
+    From each map's integral image in float64 (`_box_sums`), so the cost does not grow with n and every box
+    sum of float16 maps is exact (their values are multiples of 2^-24 and 2^17 of them fit in 53 bits); the
+    mean is then rounded once to float32. float16/float32 maps give float32, float64 maps give float64.
     """
     _check_kernel(kernel)
     maps = _check_stack(maps)
     out = np.empty(maps.shape, dtype=np.result_type(maps.dtype, np.float32))
-    for start, filtered in box_means(maps, (kernel,)):
-        out[start : start + FILTER_BLOCK] = filtered[kernel]
+    box = _BoxSums(maps.shape[1:], kernel // 2, min(FILTER_BLOCK, len(maps)))
+    for start in range(0, len(maps), FILTER_BLOCK):
+        integral = box.integral(maps[start : start + FILTER_BLOCK])
+        sums = _box_sums(integral, kernel, box.pad, box.bands[: len(integral)], box.sums[: len(integral)])
+        out[start : start + len(integral)] = _means(sums, kernel, out.dtype)
     return out
 
 
-def box_means(maps: np.ndarray, kernels: tuple[int, ...]):
-    """Yield (first image, {n: mean-filtered block}) for consecutive blocks of `FILTER_BLOCK` maps: one
-    integral image per map serves every n, which is what scoring many kernel sizes of one milestone needs."""
-    maps = _check_stack(maps)
-    for kernel in kernels:
-        _check_kernel(kernel)
-    dtype = np.result_type(maps.dtype, np.float32)
-    pad = max(kernels) // 2
-    count, height, width = maps.shape
-    # buffers reused by every block (fresh large arrays cost page faults on every block)
-    # integral image with a zero first row and column, edge-padded by `pad`: a window reaching past the map
-    # sums only what lies inside it (zero padding)
-    integral = np.zeros((min(FILTER_BLOCK, count), height + 1 + 2 * pad, width + 1 + 2 * pad))
-    transposed = np.empty((len(integral), width, height))
-    box = np.empty((len(integral), height, width))
-    for start in range(0, count, FILTER_BLOCK):
-        size = min(FILTER_BLOCK, count - start)
-        padded = integral[:size]
+class _BoxSums:
+    """Buffers of the integral-image filter for blocks of maps (B, H, W) and any n up to 2·pad + 1, reused by
+    every block (fresh large arrays cost page faults on every block)."""
+
+    def __init__(self, shape: tuple[int, int], pad: int, block: int) -> None:
+        height, width = shape
+        self.pad = pad
+        # integral image with a zero first row and column, edge-padded by `pad`: a window reaching past the
+        # map sums only what lies inside it (zero padding)
+        self._integral = np.zeros((block, height + 1 + 2 * pad, width + 1 + 2 * pad))
+        self._transposed = np.empty((block, width, height))
+        self.bands = np.empty((block, height + 1 + 2 * pad, width))
+        self.sums = np.empty((block, height, width))
+
+    def integral(self, maps: np.ndarray) -> np.ndarray:
+        """The padded integral images of a block of maps (a view of the buffer, valid until the next call)."""
+        count, height, width = maps.shape
+        pad = self.pad
+        padded = self._integral[:count]
         inside = padded[:, pad + 1 : pad + 1 + height, pad + 1 : pad + 1 + width]
-        _integral_image(maps[start : start + size], inside, transposed[:size])
+        _integral_image(maps, inside, self._transposed[:count])
         padded[:, pad + 1 + height :] = padded[:, pad + height : pad + height + 1]
         padded[:, :, pad + 1 + width :] = padded[:, :, pad + width : pad + width + 1]
-        filtered = {}
-        for kernel in kernels:
-            low, high = pad - kernel // 2, pad + kernel // 2 + 1
-            # rows i+h+1 and i−h, columns j+h+1 and j−h of the unpadded integral image
-            last, first = slice(high, high + height), slice(low, low + height)
-            sums = box[:size]
-            np.subtract(padded[:, last, high : high + width], padded[:, first, high : high + width], out=sums)
-            sums -= padded[:, last, low : low + width]
-            sums += padded[:, first, low : low + width]
-            filtered[kernel] = np.multiply(sums, 1.0 / (kernel * kernel), dtype=dtype)
-        yield start, filtered
+        return padded
+
+
+def _box_sums(integral: np.ndarray, kernel: int, pad: int, bands: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """n×n box sums (..., H, W) from padded integral images (..., H+1+2·pad, W+1+2·pad) into `out`: first the
+    column differences (each row's running sum of its n-wide band of columns, into `bands`), then their row
+    differences. Each sum is the same float64 operations wherever it is computed, one map or a block, so
+    `mean_filter` and `image_maxima` agree bit for bit."""
+    height, width = out.shape[-2:]
+    low, high = pad - kernel // 2, pad + kernel // 2 + 1
+    rows = slice(low, high + height)
+    bands = bands[..., : height + kernel, :]
+    np.subtract(integral[..., rows, high : high + width], integral[..., rows, low : low + width], out=bands)
+    return np.subtract(bands[..., kernel:, :], bands[..., :height, :], out=out)
+
+
+def _means(sums: np.ndarray, kernel: int, dtype: np.dtype) -> np.ndarray:
+    """Box sums to means, rounded to `dtype`: elementwise, so a subset of the sums gives the same values."""
+    return np.multiply(sums, 1.0 / (kernel * kernel), dtype=dtype)
 
 
 def _integral_image(maps: np.ndarray, out: np.ndarray, transposed: np.ndarray) -> None:
@@ -420,6 +434,9 @@ class MapFuser:
 # float32 rounding of a blend λ·a + (1−λ)·b, relative to the image's largest |value|: `_blend` rounds λ, 1−λ,
 # both products and their sum (≤ 4 units of 2^-24); candidates are kept within twice that plus a margin
 _BLEND_TOLERANCE = 32 * 2.0**-24
+# what the chord test (≤ 4 units of 2^-24) and the rounding of a box sum to its mean (≤ 3) can move a
+# value, relative to the image's largest |value|, with room for the float64 rounding of the prefilter bound
+_PREFILTER_MARGIN = 32 * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -451,24 +468,64 @@ def image_maxima(m_disc: np.ndarray, m_recon: np.ndarray, kernels: tuple[int, ..
     below one of them at every λ, and a dominated point (a and b no larger than another's) never scores
     above its dominator, rounding included, as rounding is monotone. Of those it keeps the non-dominated
     frontier: the hull plus the points a rounding could lift to the maximum, a handful per image.
+
+    The images are split among the threads the process may use (`OMP_NUM_THREADS`, as in a Ray task, else
+    every CPU it may run on); numpy releases the GIL in the whole-map operations.
     """
     _check_pair(m_disc, m_recon)
-    parts: dict[int, list[tuple[np.ndarray, ...]]] = {kernel: [] for kernel in kernels}
-    blocks = zip(box_means(m_disc, kernels), box_means(m_recon, kernels), strict=True)
-    for (start, disc), (_, recon) in blocks:
-        # a zero-padded mean is no larger in magnitude than the map's largest |value|: the rounding scale
-        scale = np.maximum(
-            _largest_magnitude(m_disc[start : start + FILTER_BLOCK]),
-            _largest_magnitude(m_recon[start : start + FILTER_BLOCK]),
+    for kernel in kernels:
+        _check_kernel(kernel)
+    count = len(m_disc)
+    threads = max(1, min(_threads(), count))
+    bounds = np.linspace(0, count, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        shares = list(
+            pool.map(
+                lambda first, last: _share_maxima(m_disc[first:last], m_recon[first:last], kernels),
+                bounds[:-1],
+                bounds[1:],
+            )
         )
-        for kernel in kernels:
-            parts[kernel].append(_hull_candidates(disc[kernel], recon[kernel], scale))
     maxima = {}
-    for kernel, blocks in parts.items():
-        disc, recon, counts = (np.concatenate(column) for column in zip(*blocks, strict=True))
+    for kernel in kernels:
+        parts = [part for share in shares for part in share[kernel]]
+        disc, recon, counts = (np.concatenate(column) for column in zip(*parts, strict=True))
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         maxima[kernel] = ImageMaxima(disc, recon, starts)
     return maxima
+
+
+def _threads() -> int:
+    """Threads this process may use: `OMP_NUM_THREADS` where set (Ray sets it to a task's CPUs), else the
+    CPUs it may run on."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _share_maxima(m_disc: np.ndarray, m_recon: np.ndarray, kernels: tuple[int, ...]) -> dict[int, list]:
+    """Per kernel, one (a, b, [count]) triple per image of a share of the images, block by block."""
+    parts: dict[int, list] = {kernel: [] for kernel in kernels}
+    if not len(m_disc):
+        return parts
+    pad = max(kernels) // 2
+    shape, block = m_disc.shape[1:], min(FILTER_BLOCK, len(m_disc))
+    boxes = _BoxSums(shape, pad, block), _BoxSums(shape, pad, block)
+    dtypes = np.result_type(m_disc.dtype, np.float32), np.result_type(m_recon.dtype, np.float32)
+    for start in range(0, len(m_disc), FILTER_BLOCK):
+        disc, recon = m_disc[start : start + FILTER_BLOCK], m_recon[start : start + FILTER_BLOCK]
+        # a zero-padded mean is no larger in magnitude than the map's largest |value|: the rounding scale
+        scale = np.maximum(_largest_magnitude(disc), _largest_magnitude(recon))
+        integrals = boxes[0].integral(disc), boxes[1].integral(recon)
+        for image in range(len(disc)):
+            for kernel in kernels:
+                sums = [
+                    _box_sums(integral[image], kernel, pad, box.bands[0], box.sums[0]).ravel()
+                    for integral, box in zip(integrals, boxes, strict=True)
+                ]
+                parts[kernel].append(_hull_candidates(sums, kernel, dtypes, scale[image]))
+    return parts
 
 
 def _largest_magnitude(maps: np.ndarray) -> np.ndarray:
@@ -481,35 +538,47 @@ def _largest_magnitude(maps: np.ndarray) -> np.ndarray:
 
 
 def _hull_candidates(
-    disc: np.ndarray, recon: np.ndarray, scale: np.ndarray
+    sums: list[np.ndarray], kernel: int, dtypes: tuple[np.dtype, np.dtype], scale: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a, b, count per image) of the points of each filtered map pair that can hold the image maximum;
-    `scale` bounds each image's |a| and |b|."""
-    count = disc.shape[0]
-    a, b = disc.reshape(count, -1), recon.reshape(count, -1)
-    images = np.arange(count)
-    largest_a, largest_b = a.argmax(axis=1), b.argmax(axis=1)
-    a1, b1 = a[images, largest_a], b[images, largest_a]  # P1
-    a2, b2 = a[images, largest_b], b[images, largest_b]  # P2: a2 <= a1, b1 <= b2
-    rise, run = (b2 - b1).astype(np.float64), (a1 - a2).astype(np.float64)
+    """(a, b, [count]) of the points of one image that can hold its maximum, from the flat box sums of its
+    two maps; `scale` bounds the image's |a| and |b|.
+
+    Means are computed only for the pixels a prefilter lets through. Rounding a sum to its mean is monotone,
+    so the largest sums hold the largest a and b (P1, P2). A point that passes the chord test,
+    w·a + (1−w)·b ≥ level, has b ≤ b2, so w·a ≥ level − (1−w)·b2 up to the rounding of the test and of its
+    mean (`_PREFILTER_MARGIN`); with w ≥ ½ that bounds its sum of M_disc from below, else (symmetrically,
+    a ≤ a1) its sum of M_recon. The prefilter drops only points the chord test drops.
+    """
+    (disc_dtype, recon_dtype), (disc_sums, recon_sums) = dtypes, sums
+    # P1 and P2: the largest a, the largest b (an argmax of the sums is one of the mean)
+    p1, p2 = int(disc_sums.argmax()), int(recon_sums.argmax())
+    a1, a2 = _means(disc_sums[[p1, p2]], kernel, disc_dtype).astype(np.float64)
+    b1, b2 = _means(recon_sums[[p1, p2]], kernel, recon_dtype).astype(np.float64)
+    rise, run = b2 - b1, a1 - a2  # a2 <= a1, b1 <= b2
     # λ* where P1 and P2 blend equal (0.5 when they coincide: then nothing passes the dominance test)
-    weight = np.divide(rise, rise + run, out=np.full(count, 0.5), where=rise + run > 0)
+    weight = rise / (rise + run) if rise + run > 0 else 0.5
     level = weight * a1 + (1.0 - weight) * b1 - _BLEND_TOLERANCE * scale
-    chord = b * (1.0 - weight)[:, None].astype(b.dtype)
-    chord += a * weight[:, None].astype(a.dtype)
-    keep = chord >= level[:, None]
-    keep[images, largest_a] = keep[images, largest_b] = True
-    image, pixel = np.divmod(np.flatnonzero(keep), a.shape[1])
-    pa, pb = a[image, pixel], b[image, pixel]
-    # non-dominated frontier per image: by image, then a descending (b descending among equal a), a point
-    # stays when its b exceeds every b before it in its image (equal b ranks equal: duplicates go)
-    order = np.lexsort((-pb, -pa, image))
-    b_rank = np.unique(pb, return_inverse=True)[1]
-    key = (image * (b_rank.max() + 1) + b_rank)[order]
-    best_before = np.maximum.accumulate(np.concatenate(([-1], key[:-1])))
-    frontier = order[key > best_before]
-    frontier.sort()  # image order, as np.nonzero gave them
-    return pa[frontier], pb[frontier], np.bincount(image[frontier], minlength=count)
+    margin, area = _PREFILTER_MARGIN * scale, kernel * kernel
+    if weight >= 0.5:
+        passed = disc_sums >= area * (level - (1.0 - weight) * b2 - margin) / weight
+    else:
+        passed = recon_sums >= area * (level - weight * a1 - margin) / (1.0 - weight)
+    passed[[p1, p2]] = True
+    pixel = np.flatnonzero(passed)
+    a = _means(disc_sums[pixel], kernel, disc_dtype)
+    b = _means(recon_sums[pixel], kernel, recon_dtype)
+    chord = b * recon_dtype.type(1.0 - weight)
+    chord += a * disc_dtype.type(weight)
+    keep = chord >= level
+    keep[np.searchsorted(pixel, [p1, p2])] = True
+    a, b = a[keep], b[keep]
+    # non-dominated frontier: a descending (b descending among equal a), a point stays when its b exceeds
+    # every b before it (equal points: the first stays)
+    order = np.lexsort((-b, -a))
+    ordered = b[order]
+    best_before = np.maximum.accumulate(np.concatenate(([-np.inf], ordered[:-1])))
+    frontier = np.sort(order[ordered > best_before])  # pixel order
+    return a[frontier], b[frontier], np.array([frontier.size])
 
 
 def _blend(filtered_disc: np.ndarray, filtered_recon: np.ndarray, lam: float) -> np.ndarray:

@@ -30,6 +30,7 @@ from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
 from tfsearch.metrics import METRIC_NAMES, GroundTruth, ImageMaxima, MapFuser, auroc, evaluate, image_maxima
 from tfsearch.spaces import Choices, FloatRange, Grid, Space
+from tfsearch.studies import add_finished_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -257,12 +258,14 @@ def run_study(storage: optuna.storages.BaseStorage, plan: StudyPlan) -> optuna.S
     """Evaluate the study's remaining candidates, then record its choice. The objective is the selection
     metric, averaged over the categories of the study (one for per-class studies)."""
     study = open_study(storage, plan.name, None, retry_failed=not plan.space.enumerated)
-    study.sampler = make_sampler(plan.space, plan.checkpoints, plan.default, resumed_at=len(study.trials))
+    resumed_at = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(plan.space, plan.checkpoints, plan.default, resumed_at=resumed_at)
     if plan.space.enumerated:
-        add_grid_trials(study, plan)
+        finished = add_grid_trials(storage, study, plan)
     else:
         optimize(study, plan)
-    study.set_user_attr(CHOICE_ATTR, choose(study, plan))
+        finished = _finished(study)
+    study.set_user_attr(CHOICE_ATTR, choose(finished, plan))
     return study
 
 
@@ -271,17 +274,27 @@ def candidate_attrs(config: Config, per_category: dict[str, dict[str, float]]) -
     return {**config.as_params(), "metrics": per_category}
 
 
-def add_grid_trials(study: optuna.Study, plan: StudyPlan) -> None:
-    """Every candidate not in the study yet, evaluated and added as finished trials, `BULK` per write."""
-    done = {
-        (t.user_attrs["model"], t.user_attrs["epoch"], t.user_attrs["lam"], t.user_attrs["kernel"])
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        if "metrics" in t.user_attrs
-    }
+def add_grid_trials(
+    storage: optuna.storages.BaseStorage, study: optuna.Study, plan: StudyPlan
+) -> list[optuna.trial.FrozenTrial]:
+    """Every candidate not in the study yet, evaluated and added as finished trials, `BULK` per write
+    (`add_finished_trials`); returns the study's completed candidates, those it had and those added, without
+    reading the study back (Optuna's RDB storage reads a few thousand trials in tens of seconds)."""
+    had = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    had = [t for t in had if "metrics" in t.user_attrs]
+    done = {config_of(t) for t in had}
+    finished = [t for t in had if t.state == TrialState.COMPLETE]
     distributions = grid_distributions(plan.space, plan.checkpoints, plan.default)
-    pending = []
+    pending: list[optuna.trial.FrozenTrial] = []
+
+    def write() -> None:
+        for trial, number in zip(pending, add_finished_trials(storage, study, pending), strict=True):
+            trial.number = number
+        finished.extend(t for t in pending if t.state == TrialState.COMPLETE)
+        pending.clear()
+
     for config in grid_candidates(plan.space, plan.checkpoints, plan.default):
-        if (config.model, config.epoch, config.lam, config.kernel) in done:
+        if config in done:
             continue
         per_category = plan.metrics(config)
         value = plan.objective(per_category)
@@ -296,9 +309,9 @@ def add_grid_trials(study: optuna.Study, plan: StudyPlan) -> None:
             )
         )
         if len(pending) == BULK:
-            study.add_trials(pending)
-            pending = []
-    study.add_trials(pending)
+            write()
+    write()
+    return finished
 
 
 def optimize(study: optuna.Study, plan: StudyPlan) -> None:
@@ -323,13 +336,13 @@ def optimize(study: optuna.Study, plan: StudyPlan) -> None:
         study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(space.trials, states=complete)])
 
 
-def choose(study: optuna.Study, plan: StudyPlan) -> dict:
-    """The study's choice: the best candidate, or the default when none beats it. A tie at the best value
-    is settled by `plan.tie_break` (computed for the tied configurations only) when set; otherwise, and when
-    that metric ties too, the default wins, then the earliest candidate (`undecided` then says so). Also
-    says how many configurations tied at the best value."""
+def choose(finished: list[optuna.trial.FrozenTrial], plan: StudyPlan) -> dict:
+    """The study's choice among its completed candidates `finished`: the best, or the default when none
+    beats it. A tie at the best value is settled by `plan.tie_break` (computed for the tied configurations
+    only) when set; otherwise, and when that metric ties too, the default wins, then the earliest candidate
+    (`undecided` then says so). Also says how many configurations tied at the best value."""
     default_value = plan.objective({c: {plan.space.metric: m} for c, m in _default_values(plan).items()})
-    scored = [t for t in _finished(study) if t.value is not None]
+    scored = [t for t in finished if t.value is not None]
     values = [t.value for t in scored] + ([] if math.isnan(default_value) else [default_value])
     if not values:
         return {"trial": None, "value": default_value, "tied": 0, "tie_break": None, "undecided": False}
