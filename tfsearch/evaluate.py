@@ -1,4 +1,5 @@
-"""`tfsearch evaluate RUN_DIR`: the paper's metrics of a trained run at one milestone, λ and n.
+"""`tfsearch evaluate RUN_DIR`: the paper's metrics of a trained run at one milestone, λ and n, and image and
+pixel AUROC per defect kind (the test folders), which a mean over kinds hides.
 
 The raw maps come from the run's map cache; a milestone whose checkpoint exists but whose maps do not gets
 them computed once (and cached) from the checkpoint.
