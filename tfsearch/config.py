@@ -78,9 +78,11 @@ class Profile:
         return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
+# the paper's own configuration: jobs of this profile are checked against the paper's protocol
+PAPER_PROFILE = "paper"
 # profiles meant for GPUs: a run asks one GPU per trial for them by default, visible or not, so that an
 # autoscaling cluster sees the demand
-GPU_PROFILES = frozenset({"paper"})
+GPU_PROFILES = frozenset({PAPER_PROFILE})
 # the profile a run falls back to on the demo when this machine has no GPU and no profile was given
 QUICK_PROFILE = "cpu"
 

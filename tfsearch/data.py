@@ -158,11 +158,24 @@ def load_category(dataset: str, data_root: Path | None, category: str) -> Catego
     else:
         train, test = _layout_samples(root / category, mask_suffix="" if dataset == "visa" else "_mask")
     _check_mask_sizes(test)
+    return Category(dataset, category, root / category, train, test, is_texture_category(dataset, category))
+
+
+def is_texture_category(dataset: str, category: str) -> bool:
+    """Whether anomalies may cover the whole image (a texture) rather than an object's foreground: MVTec's
+    textures (and zipper, as the original code has it) and the demo's; VisA and `folder` hold objects."""
     if dataset == "mvtec":
-        is_texture = category in TEXTURE_CATEGORIES
-    else:
-        is_texture = dataset == "demo" and category in DEMO_TEXTURES
-    return Category(dataset, category, root / category, train, test, is_texture)
+        return category in TEXTURE_CATEGORIES
+    return dataset == "demo" and category in DEMO_TEXTURES
+
+
+def defect_kind(image_id: str) -> str:
+    """The defect kind of an image, from its id `split/defect/stem`: the test folder it lies in ("good" for
+    normal images; MVTec's "scratch", "crack", ...; VisA's "bad")."""
+    parts = image_id.split("/")
+    if len(parts) < 3 or not parts[1]:
+        raise InputError(f"image id {image_id!r}: expected split/defect/name, as tfsearch writes image ids")
+    return parts[1]
 
 
 def _data_root(dataset: str, data_root: Path | None) -> Path:
@@ -443,6 +456,8 @@ __all__ = [
     "Category",
     "Sample",
     "add_data_arguments",
+    "defect_kind",
+    "is_texture_category",
     "list_categories",
     "load_category",
     "load_image",

@@ -1,4 +1,5 @@
-"""`tfsearch evaluate RUN_DIR`: the paper's metrics of a trained run at one milestone, λ and n.
+"""`tfsearch evaluate RUN_DIR`: the paper's metrics of a trained run at one milestone, λ and n, and image and
+pixel AUROC per defect kind (the test folders), which a mean over kinds hides.
 
 The raw maps come from the run's map cache; a milestone whose checkpoint exists but whose maps do not gets
 them computed once (and cached) from the checkpoint.
@@ -10,9 +11,10 @@ import json
 import math
 from pathlib import Path
 
+from tfsearch.data import defect_kind
 from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate
+from tfsearch.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate, per_kind
 from tfsearch.train import Runtime, TrainDir, Trainer, add_runtime_arguments
 
 
@@ -41,7 +43,8 @@ def evaluate_run(
     kernel: int | None = None,
     runtime: Runtime | None = None,
 ) -> dict[str, object]:
-    """Metrics of one (epoch, λ, n) configuration of a training run; λ and n default to the profile's."""
+    """Metrics of one (epoch, λ, n) configuration of a training run; λ and n default to the profile's.
+    `per_kind` holds each defect kind's image and pixel AUROC (`tfsearch.metrics.per_kind`)."""
     job = TrainDir(run_dir).load_job()
     lam = job.profile.lam if lam is None else lam
     kernel = job.profile.kernel if kernel is None else kernel
@@ -57,11 +60,19 @@ def evaluate_run(
         "images": len(maps.image_ids),
         "anomalous": int(maps.labels.sum()),
         **{name: metrics[name] for name in METRIC_NAMES},
+        "per_kind": per_kind(maps.masks, fused, [defect_kind(i) for i in maps.image_ids]),
     }
 
 
 def format_value(value: float) -> str:
     return "undefined" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def json_ready(value: object) -> object:
+    """`value` with every NaN, however deeply nested, as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def register(subparsers) -> None:
@@ -81,11 +92,7 @@ def run_evaluate(args) -> int:
     runtime = Runtime(args.device, args.precision, args.loader_workers, False, args.channels_last)
     result = evaluate_run(args.run_dir, args.epoch, args.lam, args.kernel, runtime)
     if args.json:
-        print(
-            json.dumps(
-                {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
-            )
-        )
+        print(json.dumps(json_ready(result)))
         return 0
     print(
         f"{result['dataset']}/{result['category']}  epoch {result['epoch']}  "
@@ -94,4 +101,9 @@ def run_evaluate(args) -> int:
     )
     for name in METRIC_NAMES:
         print(f"  {name:<13} {format_value(result[name])}")
+    normal = result["images"] - result["anomalous"]
+    print(f"  per defect kind (its anomalous images against all {normal} normal ones):")
+    for kind, values in result["per_kind"].items():
+        image, pixel = format_value(values["image_auroc"]), format_value(values["pixel_auroc"])
+        print(f"    {kind:<16} {values['anomalous']:>4} images  image_auroc {image}  pixel_auroc {pixel}")
     return 0

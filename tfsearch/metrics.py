@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -272,6 +273,29 @@ def evaluate(gt: GroundTruth, maps: np.ndarray, *, limit: float = PRO_LIMIT) -> 
         "pixel_ap": pixels.average_precision(),
         "pixel_f1_max": pixels.f1_max(),
     }
+
+
+def per_kind(masks: np.ndarray, maps: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """Image and pixel AUROC of each defect kind, for the kinds a mean hides (a model may find every stain
+    and no scratch): the kind's anomalous images against every normal image (one without a defect pixel),
+    and the pixels of those images. `kinds`: one name per image (`tfsearch.data.defect_kind`), keys sorted.
+    Each value holds `anomalous` (the kind's anomalous images), `image_auroc` and `pixel_auroc`."""
+    masks = np.asarray(masks)
+    if len(kinds) != len(masks):
+        raise InputError(f"{len(kinds)} defect kinds for {len(masks)} masks: expected one kind per image")
+    kinds = np.asarray(kinds, dtype=object)
+    normal = ~masks.reshape(len(masks), -1).any(axis=1)
+    result = {}
+    for kind in sorted(set(kinds[~normal])):
+        chosen = normal | (kinds == kind)
+        gt = GroundTruth.from_masks(masks[chosen])
+        chosen_maps = np.asarray(maps)[chosen]
+        result[kind] = {
+            "anomalous": int(np.count_nonzero(chosen & ~normal)),
+            "image_auroc": image_auroc(gt, chosen_maps),
+            "pixel_auroc": pixel_auroc(gt, chosen_maps),
+        }
+    return result
 
 
 def _pixel_curve(gt: GroundTruth, maps: np.ndarray) -> _RankedCurve:

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from tqdm import tqdm
 
 from tfsearch import data as datasets
 from tfsearch.atomic import atomic_write, atomic_write_json, atomic_write_text
-from tfsearch.config import PROFILES, Profile, get_profile
+from tfsearch.config import PAPER_PROFILE, PROFILES, QUICK_PROFILE, Profile, get_profile
 from tfsearch.errors import InputError
 from tfsearch.inference import anomaly_maps, to_signed
 from tfsearch.map_cache import MapSet, map_set_exists, write_map_set
+from tfsearch.protocol import paper_protocol_note
 from tfsearch.run_folder import maps_folder
 from tfsearch.synthesis import (
     AnomalySynthesizer,
@@ -389,6 +391,12 @@ class Trainer:
                 self.load_checkpoint(done[-1])
         else:
             atomic_write_json(self.dir.job_file, job_dict)
+        # `tfsearch train` and every training trial of `tfsearch run` start here: the console and the trial's
+        # log say when the paper profile does not train as the paper did
+        note = paper_protocol_note(job_dict)
+        if note:
+            job = f"{self.job.dataset}/{self.job.category}"
+            print(f"[train] {job} warning: {note}", file=sys.stderr, flush=True)
 
     def _ensure_data(self) -> PreparedData:
         if self.data is None:
@@ -566,7 +574,12 @@ def register(subparsers) -> None:
         "train", help="train one category, with checkpoints and maps at milestones"
     )
     datasets.add_data_arguments(parser, multiple=False)
-    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="training profile")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help=f"training profile (default: {PAPER_PROFILE} on a CUDA device, else {QUICK_PROFILE};"
+        " on --resume, the run's)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
     parser.add_argument(
         "--epochs", type=int, help="override the profile's epochs (the LR drop moves proportionally)"
@@ -606,12 +619,35 @@ def parse_milestones(text: str | None) -> tuple[int, ...]:
         raise InputError(f"--milestones expects comma-separated epochs like 10,20,40, got {text!r}") from None
 
 
+def default_profile(device: torch.device) -> str:
+    """The profile of `tfsearch train` without --profile: the paper's where it can train (a CUDA device),
+    else the quick one, which trains in minutes on a CPU."""
+    return PAPER_PROFILE if device.type == "cuda" else QUICK_PROFILE
+
+
+def chosen_profile(args, device: torch.device) -> str:
+    """--profile, else the profile of the run being resumed, else `default_profile`; says which it took."""
+    if args.profile is not None:
+        return args.profile
+    stored = TrainDir(args.out)
+    if args.resume and stored.job_file.is_file():
+        name = stored.load_job().profile.name
+        print(f"[train] profile {name!r}: the run's in {args.out} (no --profile)", flush=True)
+        return name
+    name = default_profile(device)
+    quick = "" if device.type == "cuda" else ", not a CUDA device: the quick profile"
+    why = f"training on {device}{quick}"
+    print(f"[train] profile {name!r}: {why} (no --profile)", flush=True)
+    return name
+
+
 def run_train(args) -> int:
     if args.category is None:
         raise InputError("--category is required for tfsearch train")
     if args.epochs is not None and args.epochs < 1:
         raise InputError(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    profile = get_profile(args.profile)
+    runtime = Runtime(args.device, args.precision, args.loader_workers, not args.quiet, args.channels_last)
+    profile = get_profile(chosen_profile(args, runtime.torch_device()))
     if args.epochs:
         profile = profile.with_epochs(args.epochs)
     category = datasets.resolve_categories(args.dataset, args.data_root, args.category, None)[0]
@@ -627,7 +663,6 @@ def run_train(args) -> int:
         validation=args.validation,
         val_root=args.val_root,
     )
-    runtime = Runtime(args.device, args.precision, args.loader_workers, not args.quiet, args.channels_last)
     started = time.perf_counter()
     trainer = train(job, args.out, runtime, resume=args.resume)
     data = trainer.data

@@ -10,9 +10,11 @@ whose trial fails for good is returned as failed, never passed on as if it had f
 from __future__ import annotations
 
 import math
+import sys
 
 from tfsearch.errors import InputError
 from tfsearch.plan import RunPlan, model_id
+from tfsearch.protocol import paper_protocol_note
 from tfsearch.spaces import TRAINABLE
 from tfsearch.studies import open_studies, studies_file, study_name
 from tfsearch.trainable import train_category
@@ -59,6 +61,13 @@ class ProgressView:
 
         return Callback()
 
+    def warn_departures(self) -> None:
+        """Once per run, on stderr and even with --quiet: the ways a paper-profile run departs from the
+        paper's protocol (each trial's log says it again for its category)."""
+        note = paper_protocol_note(self.plan.describe())
+        if note:
+            print(f"[run] warning: {note}", file=sys.stderr, flush=True)
+
     def show(self, event: str) -> None:
         if self.quiet:
             return
@@ -101,6 +110,7 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     runnable = tune.with_resources(tune.with_parameters(trainable, settings=settings), resources)
     view = ProgressView(plan, plan.quiet)
+    view.warn_departures()
     callbacks = [
         view.callback(),
         *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),

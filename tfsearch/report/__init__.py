@@ -7,7 +7,10 @@ From one or more run folders (`tfsearch run` writes them) it builds, per dataset
 2. wide tables with every metric, one column per published source and its Δ (extra outputs);
 3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
 4. each run's `importance.csv`, and the last training milestone of every training run;
-5. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
+5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
+6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
+
+Under each run it says where a paper-profile run departs from the paper's protocol (`tfsearch.protocol`).
 
 It writes, under `--out` (default: FIRST_RUN_DIR/report):
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from tfsearch.atomic import atomic_write, atomic_write_text
 from tfsearch.errors import InputError
 from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
+from tfsearch.report.kinds import per_kind_tables
 from tfsearch.report.published import PublishedNumbers
 from tfsearch.report.render import (
     comparison_csv,
@@ -78,9 +82,16 @@ def build_report(
     tables += protocol_tables(runs) + importance_tables(runs)
     training = training_table(runs)
     tables += [training] if training else []
+    kinds, kind_notes = per_kind_tables(runs)
+    tables += kinds
     curves, notes = sensitivity_curves(runs)
-    missing = [note for run in runs for note in run.missing] + notes
+    missing = [note for run in runs for note in run.missing] + kind_notes + notes
     return Report(runs, tables, comparison, curves, missing)
+
+
+def _run_lines(run: RunResults) -> list[str]:
+    """The run's summary, and beneath it how it departs from the paper's protocol, if it does."""
+    return [_run_summary(run), *([f"{run.name}: {run.paper_note}"] if run.paper_note else [])]
 
 
 def _run_summary(run: RunResults) -> str:
@@ -181,7 +192,7 @@ def write_report(
     files += ["wandb/"] if wandb != "disabled" else []
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     before = [
-        ("Runs", [f"Generated {generated} by `tfsearch report`.", *map(_run_summary, runs)]),
+        ("Runs", [f"Generated {generated} by `tfsearch report`.", *(x for r in runs for x in _run_lines(r))]),
         *([("Missing", report.missing)] if report.missing else []),
     ]
     after = [("Weights & Biases", [wandb_note]), ("Files", files)]

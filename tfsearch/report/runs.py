@@ -13,6 +13,7 @@ import pandas as pd
 from tfsearch.config import PROFILES
 from tfsearch.errors import InputError
 from tfsearch.map_cache import map_set_exists
+from tfsearch.protocol import paper_protocol_note
 from tfsearch.run_folder import (
     CONFIG_FIELDS,
     CONFIG_FILE,
@@ -113,6 +114,11 @@ class RunResults:
             if key not in NOT_COMPARED and ours.get(key) != value
         ]
 
+    @property
+    def paper_note(self) -> str | None:
+        """`not the paper's protocol: …` for a paper-profile run without DTD textures or foreground masks."""
+        return paper_protocol_note(self.config)
+
     def training_roots(self) -> list[Path]:
         """Folders that may hold this run's train/: the run folder, its cache of an object store, a local
         --storage folder."""
@@ -131,6 +137,10 @@ class RunResults:
         chosen = self.selected[self.selected["category"] == category] if len(self.selected) else self.selected
         if len(chosen) and isinstance(chosen["default_model"].iloc[0], str):
             model = chosen["default_model"].iloc[0]
+        return self.maps_of(category, model, epoch)
+
+    def maps_of(self, category: str, model: str, epoch: int) -> Path | None:
+        """The test map cache of one training configuration and milestone of a category, if present."""
         for root in self.training_roots():
             folder = maps_folder(root / TRAIN_FOLDER / category / model, epoch, "test")
             if map_set_exists(folder):
