@@ -10,6 +10,9 @@ import pytest
 
 # no network here: W&B never syncs, and the demo cache stays inside the test session
 os.environ.setdefault("WANDB_MODE", "disabled")
+# one compute thread per process (this one, and the Ray workers, which inherit it): with tiny tensors, two
+# processes each spinning two OpenMP threads on two cores run many times slower than one thread each
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 from tfsearch.demo import write_demo  # noqa: E402

@@ -37,6 +37,7 @@ TINY = {
         "time_dim": 32,
         "batch_size": 16,
         "milestone_every": 1,
+        "steps": 4,  # the reverse process writes every milestone's maps: 4 steps instead of 20
     },
     "selection": {"metric": "image_auroc", "sampler": "tpe", "trials": 6, "seed": 0},
     "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
