@@ -14,6 +14,7 @@ from tfsearch.data import (
     TEXTURE_CATEGORIES,
     VISA_CATEGORIES,
     add_data_arguments,
+    largest_first,
     list_categories,
     load_category,
     load_image,
@@ -135,6 +136,13 @@ def test_extensions_hidden_and_other_files(tmp_path):
 def test_missing_test_folder_gives_no_test_images(tmp_path):
     _image(tmp_path / "parts" / "train" / "good" / "0.png")
     assert load_category("folder", tmp_path, "parts").test == ()
+
+
+def test_largest_categories_come_first(tmp_path):
+    for name in ("widget", "bottle", "gear"):
+        _mvtec_category(tmp_path, name)
+    _image(tmp_path / "gear" / "train" / "good" / "003.png")  # 4 training images, the others 3
+    assert largest_first("folder", tmp_path, ["widget", "bottle", "gear"]) == ["gear", "bottle", "widget"]
 
 
 def test_folder_categories_are_subfolders_with_train_good(tmp_path):

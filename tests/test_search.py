@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -17,7 +18,7 @@ from tfsearch.cli import main
 from tfsearch.errors import InputError
 from tfsearch.plan import RunPlan, make_plan, start_run
 from tfsearch.search import execute
-from tfsearch.selection_stage import select
+from tfsearch.selection_stage import Selection
 from tfsearch.spaces import builtin_spaces, load_space
 from tfsearch.train import TrainDir
 from tfsearch.trainable import train_category
@@ -139,7 +140,25 @@ def test_unreachable_address_fails_fast(tmp_path, demo_dataset_root, capsys):
 # ----------------------------------------------------------------------------------------- runs
 def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
     plan = plan_for(tmp_path, demo_dataset_root, "pc", "disk,stripes")
-    selected = execute(plan)
+    studies = plan.run_dir / "studies.db"
+
+    def stripes_waits_for_the_disk_study(config, settings):
+        """stripes trains only once disk's study is chosen: the selection of a category must not wait
+        for the training of the others"""
+        if config["category"] == "stripes":
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                names = {
+                    s.study_name: s.user_attrs for s in optuna.get_all_study_summaries(f"sqlite:///{studies}")
+                }
+                if "choice" in names.get("tiny/demo/disk", {}):
+                    break
+                time.sleep(1)
+            else:
+                raise RuntimeError("disk's study never finished while stripes waited")
+        train_category(config, settings)
+
+    selected = execute(plan, trainable=stripes_waits_for_the_disk_study)
     run_dir = plan.run_dir
     assert [r["category"] for r in selected] == ["disk", "stripes"]
     for row in selected:
@@ -156,6 +175,10 @@ def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
     assert all(r["node_id"] and r["protocol"] == "test" for r in train_rows)
     select_rows = [r for r in rows if r["stage"] == "select"]
     assert len(select_rows) == 2 * 6
+    # disk's selection started before stripes finished training
+    started = min(datetime.fromisoformat(r["started_at"]) for r in select_rows if r["category"] == "disk")
+    trained = max(datetime.fromisoformat(r["finished_at"]) for r in train_rows if r["category"] == "stripes")
+    assert started.tzinfo is not None and started < trained
     # training ran to the last milestone exactly once per category, whatever the trial budget
     for category in ("disk", "stripes"):
         history = read_rows(plan.train_dir(category, "default") / "history.csv")
@@ -209,7 +232,7 @@ def test_select_on_val_never_reads_test_labels(tmp_path, demo_dataset_root, ray_
     # hide every test map (and with it the test labels) while the selection runs
     hidden = tmp_path / "hidden"
     shutil.move(train_dir.root / "maps" / "test", hidden)
-    select(plan, failed={})
+    Selection(plan).finish(failed={})
     shutil.move(hidden, train_dir.root / "maps" / "test")
 
     from tfsearch.tables import write_selected, write_trials

@@ -161,6 +161,13 @@ def load_category(dataset: str, data_root: Path | None, category: str) -> Catego
     return Category(dataset, category, root / category, train, test, is_texture_category(dataset, category))
 
 
+def largest_first(dataset: str, data_root: Path | None, categories: Sequence[str]) -> list[str]:
+    """Categories by number of training images, most first (then by name): a run ends when its slowest
+    category does, so the longest trainings should not wait for a free slot behind short ones."""
+    sizes = {c: len(load_category(dataset, data_root, c).train) for c in categories}
+    return sorted(categories, key=lambda c: (-sizes[c], c))
+
+
 def is_texture_category(dataset: str, category: str) -> bool:
     """Whether anomalies may cover the whole image (a texture) rather than an object's foreground: MVTec's
     textures (and zipper, as the original code has it) and the demo's; VisA and `folder` hold objects."""

@@ -30,7 +30,7 @@ from tfsearch.config import PROFILES
 from tfsearch.errors import InputError
 from tfsearch.plan import PROTOCOLS, RunPlan, make_plan, start_run
 from tfsearch.selection_log import log_selection
-from tfsearch.selection_stage import select
+from tfsearch.selection_stage import Selection
 from tfsearch.tables import failed_message, publish, write_selected, write_trials
 from tfsearch.train import PRECISIONS
 from tfsearch.trainable import train_category
@@ -85,9 +85,10 @@ def execute(
     start_run(plan, resume)
     connect(address, plan.quiet)
     started = time.perf_counter()
-    failed = run_training(plan, trainable)
+    selection = Selection(plan)  # a category's study starts as soon as its training ends
+    failed = run_training(plan, trainable, selection)
     trained = time.perf_counter()
-    select(plan, failed)
+    selection.finish(failed)
     write_trials(plan)
     selected = write_selected(plan, failed)
     log_selection(plan)  # importance.csv, and each study in W&B
@@ -103,7 +104,7 @@ def execute(
     publish(plan)
     if not plan.quiet:
         print(
-            f"[done] training {trained - started:.1f} s, selection and tables"
+            f"[done] training {trained - started:.1f} s, then selection and tables"
             f" {time.perf_counter() - trained:.1f} s; results in {plan.run_dir}"
         )
     if failed:

@@ -2,8 +2,9 @@
 over (model, epoch, λ, n) evaluated on the maps the training stage cached.
 
 The studies run as Ray tasks on the driver's node, whose disk holds the studies file and the maps (with an
-object-store storage the maps are first fetched into the run's cache/). Nothing here trains. A group of
-categories is selected only once every category in it finished training.
+object-store storage each task first fetches its categories' maps into the run's cache/). Nothing here
+trains. A group of categories is selected as soon as every category in it finished training, while the
+other categories still train (`Selection`).
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
     return models
 
 
-def fetch_training_results(plan: RunPlan) -> None:
-    """From an object-store storage, download what the selection and the tables read into the run's cache:
-    each training run's job, history and milestone log, and the maps of every logged milestone not cached yet.
-    """
+def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
+    """From an object-store storage, download what the selection and the tables read of `categories` into
+    the run's cache: each training run's job, history and milestone log, and the maps of every logged
+    milestone not cached yet."""
     from tfsearch.map_cache import map_set_exists
 
     if plan.location.is_local:
         return
     train = plan.location.child("train")
     splits = sorted({plan.selection_split, "test"})  # test maps: the tables report test metrics
-    for category in plan.categories:
+    for category in categories:
         for model in train.folders(category):
             remote, local = train.child(category, model), TrainDir(plan.train_dir(category, model))
             for path in (local.job_file, local.history_file, local.root / MILESTONE_LOG):
@@ -67,34 +68,52 @@ def on_driver_node() -> dict:
     return {"num_cpus": 1 if cpus >= 1 else 0, "scheduling_strategy": strategy}
 
 
-def select(plan: RunPlan, failed: dict[str, str]) -> None:
-    """Run the studies, as Ray tasks on the driver's node, of every group whose categories all finished
-    training (`failed` maps the others to their error), after fetching the training results from an
-    object-store storage."""
-    import ray
+class Selection:
+    """The studies of a run, each started as a Ray task on the driver's node as soon as every category of
+    its group finished training: `trained` is told of each category the training stage finished (from
+    Tune's callbacks, while other categories still train), `finish` starts what is left and waits."""
 
-    fetch_training_results(plan)
-    path = studies_file(plan.run_dir)
-    open_studies(path)  # creates the schema once, before tasks open it concurrently
-    options = on_driver_node()
-    pending = []
-    for group in plan.groups:
-        if any(c in failed for c in group):
-            continue
-        study_plan = selection_plan(plan, group)
-        if study_plan is None:
-            if not plan.quiet:
-                print(f"[select] {', '.join(group)}: no finished milestone to select from", file=sys.stderr)
-            continue
-        task = ray.remote(**options)(run_study_task).options(name=f"select-{study_plan.name}")
-        pending.append(task.remote(str(path), study_plan))
-    ray.get(pending)
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self.path = studies_file(plan.run_dir)
+        open_studies(self.path)  # creates the schema once, before tasks open it concurrently
+        self.trained_categories: set[str] = set()
+        self.started: dict[tuple[str, ...], object] = {}  # group -> the task's ObjectRef
+
+    def trained(self, category: str) -> None:
+        self.trained_categories.add(category)
+        for group in self.plan.groups:
+            if tuple(group) not in self.started and set(group) <= self.trained_categories:
+                self.start(group)
+
+    def start(self, group: list[str]) -> None:
+        import ray
+
+        task = ray.remote(**on_driver_node())(run_study_task)
+        task = task.options(name=f"select-{group_study_name(self.plan, group)}")
+        self.started[tuple(group)] = task.remote(str(self.path), self.plan, group)
+
+    def finish(self, failed: dict[str, str]) -> None:
+        """Start the study of every group whose categories all trained (`failed` maps the others to their
+        error) and wait for all of them."""
+        import ray
+
+        for group in self.plan.groups:
+            if tuple(group) not in self.started and not any(c in failed for c in group):
+                self.start(group)
+        for group, message in zip(self.started, ray.get(list(self.started.values())), strict=True):
+            if message and not self.plan.quiet:
+                print(f"[select] {', '.join(group)}: {message}", file=sys.stderr)
+
+
+def group_study_name(plan: RunPlan, group: list[str]) -> str:
+    """The study of one group of `plan.groups`."""
+    return study_name(plan.space.name, plan.dataset, group[0] if plan.space.scope != "global" else None)
 
 
 def selection_study_names(plan: RunPlan) -> list[str]:
     """The studies of the run, one per group of `plan.groups`."""
-    scoped = plan.space.scope != "global"
-    return [study_name(plan.space.name, plan.dataset, group[0] if scoped else None) for group in plan.groups]
+    return [group_study_name(plan, group) for group in plan.groups]
 
 
 def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
@@ -121,7 +140,7 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
     model = default_model(plan, categories, {m for m, _ in checkpoints})
     last = max(e for m, e in checkpoints if m == model)
     default = Config(model, last, plan.profile.lam, plan.profile.kernel)
-    name = study_name(plan.space.name, plan.dataset, categories[0] if plan.space.scope != "global" else None)
+    name = group_study_name(plan, categories)
     tie_break = VALIDATION_TIE_BREAK if plan.select_on == "val" else None
     return StudyPlan(name, plan.space, candidates, checkpoints, default, tie_break)
 
@@ -147,7 +166,14 @@ def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str
     return max(sorted(models), key=score)
 
 
-def run_study_task(studies: str, study_plan) -> None:
+def run_study_task(studies: str, plan: RunPlan, group: list[str]) -> str | None:
+    """One group's study (a Ray task): its training results fetched, its candidates evaluated, its choice
+    recorded. Returns why nothing was selected, or None."""
     from tfsearch.selection import run_study
 
+    fetch_training_results(plan, group)
+    study_plan = selection_plan(plan, group)
+    if study_plan is None:
+        return "no finished milestone to select from"
     run_study(open_studies(studies), study_plan)
+    return None

@@ -8,6 +8,8 @@ selected; it is never tabulated as if it had finished.
 
 from __future__ import annotations
 
+from datetime import timezone
+
 from tfsearch.plan import RunPlan
 from tfsearch.run_folder import (
     RUN_TABLES,
@@ -49,6 +51,11 @@ def selection_rows(plan: RunPlan) -> list[dict]:
     return rows
 
 
+def utc_text(moment) -> str:
+    """A pandas timestamp of Optuna's (naive local time) as ISO text in UTC, as `run_folder.now` writes."""
+    return moment.to_pydatetime().astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
 def candidate_rows(study, split: str) -> list[dict]:
     """A study's completed candidates, one row per category, from Optuna's own trials table; failed and
     unfinished trials are left out (a failed candidate is queued again and its retry has the row)."""
@@ -70,8 +77,9 @@ def candidate_rows(study, split: str) -> list[dict]:
                     "study": study.study_name,
                     "trial": trial["number"],
                     "status": "complete",
-                    "started_at": trial["datetime_start"].isoformat(timespec="seconds"),
-                    "finished_at": trial["datetime_complete"].isoformat(timespec="seconds"),
+                    # Optuna's times are naive local time: in UTC, as the training rows' are
+                    "started_at": utc_text(trial["datetime_start"]),
+                    "finished_at": utc_text(trial["datetime_complete"]),
                 }
             )
     return rows

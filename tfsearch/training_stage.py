@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 
+from tfsearch.data import largest_first
 from tfsearch.errors import InputError
 from tfsearch.plan import RunPlan, model_id
 from tfsearch.protocol import paper_protocol_note
@@ -96,9 +97,11 @@ def trial_name(trial) -> str:
     return f"train-{trial.config['category']}-{model_id(params)}"
 
 
-def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
+def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dict[str, str]:
     """One Tune trial per (category, training configuration); an experiment that exists is restored (the
     plan reached here only with `--resume`), with this command's retries, W&B mode and progress output.
+    `selection` (a `tfsearch.selection_stage.Selection`) is told of each category whose training ended, so
+    its study starts while other categories still train.
 
     Returns the categories whose training failed for good, each with its error.
     """
@@ -111,19 +114,25 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
     runnable = tune.with_resources(tune.with_parameters(trainable, settings=settings), resources)
     view = ProgressView(plan, plan.quiet)
     view.warn_departures()
+    trained = selection.trained if selection is not None else (lambda category: None)
     callbacks = [
         view.callback(),
+        *([category_trained(trained)] if plan.space.training is None else []),
         *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
     ]
     failure_config = tune.FailureConfig(max_failures=plan.max_failures)
+    # Tune starts trials in the order of the grid: the largest categories first
+    categories = largest_first(plan.dataset, plan.data_root, plan.categories)
+    # each experiment's name, the category it trains alone (None: all of them) and its Tuner arguments
     if plan.space.training is None:
-        experiments = {"train": lambda: {"param_space": {"category": tune.grid_search(plan.categories)}}}
+        grid = {"param_space": {"category": tune.grid_search(categories)}}
+        experiments = {"train": (None, lambda: grid)}
     else:
-        experiments = {f"train-{c}": (lambda c=c: training_search(plan, c)) for c in plan.categories}
+        experiments = {f"train-{c}": (c, lambda c=c: training_search(plan, c)) for c in categories}
     tune_root = plan.location.child("tune")
     filesystem = tune_root.filesystem
     failed: dict[str, str] = {}
-    for name, make in experiments.items():
+    for name, (alone, make) in experiments.items():
         path = tune_root.child(name).path
         if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
             tuner = tune.Tuner.restore(
@@ -165,7 +174,20 @@ def run_training(plan: RunPlan, trainable=train_category) -> dict[str, str]:
                 failed.setdefault(category, first_line(result.error))
                 if not plan.quiet:
                     print(f"[train] {category}: training failed for good: {failed[category]}", flush=True)
+        if alone is not None and alone not in failed:
+            trained(alone)  # a category's training search is its own experiment
     return failed
+
+
+def category_trained(trained):
+    """A Tune callback that calls `trained(category)` when a category's one trial completes."""
+    from ray import tune
+
+    class CategoryTrained(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            trained(trial.config["category"])
+
+    return CategoryTrained()
 
 
 def first_line(error: BaseException) -> str:
