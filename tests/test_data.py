@@ -84,7 +84,7 @@ def test_known_category_lists():
     assert list(MVTEC_CATEGORIES) == sorted(MVTEC_CATEGORIES) and len(MVTEC_CATEGORIES) == 15
     assert list(VISA_CATEGORIES) == sorted(VISA_CATEGORIES) and len(VISA_CATEGORIES) == 12
     assert sorted(TEXTURE_CATEGORIES) == ["carpet", "grid", "leather", "tile", "wood", "zipper"]
-    assert DATASETS == ("mvtec", "visa", "folder", "demo")
+    assert DATASETS == ("mvtec", "visa", "folder", "demo", "demo_real")
 
 
 def test_mvtec_layout_under_a_root_containing_test(mvtec_root):
@@ -342,7 +342,7 @@ def test_missing_data_root(tmp_path):
 
 def test_unknown_dataset_lists_the_valid_ones(tmp_path):
     with pytest.raises(
-        InputError, match="unknown --dataset 'kitti': expected one of mvtec, visa, folder, demo"
+        InputError, match="unknown --dataset 'kitti': expected one of mvtec, visa, folder, demo, demo_real"
     ):
         list_categories("kitti", tmp_path)
 

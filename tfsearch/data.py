@@ -1,9 +1,10 @@
 """Datasets: which images and masks make up a category, and how they become arrays.
 
-Four sources share one in-memory form, a `Category` of `Sample`s: MVTec AD, VisA (the prepared "1cls" layout
-or the raw download read through its split CSV), `folder` (a user's own categories in the MVTec layout) and
-the synthetic `demo`. Masks are found by their path relative to the category root, never by editing the path
-string: the original's string replace breaks on a data root whose path contains "test" (method.md §11.12).
+Five sources share one in-memory form, a `Category` of `Sample`s: MVTec AD, VisA (the prepared "1cls" layout
+or the raw download read through its split CSV), `folder` (a user's own categories in the MVTec layout), the
+synthetic `demo` and the realistic synthetic `demo_real`. Masks are found by their path relative to the
+category root, never by editing the path string: the original's string replace breaks on a data root whose
+path contains "test" (method.md §11.12).
 Images become RGB uint8 and masks become booleans exactly as method.md §8 prescribes.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
@@ -20,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tfsearch.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root
+from tfsearch.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, realistic_demo_root
+from tfsearch.demo_real import REALISTIC_CATEGORIES
 from tfsearch.errors import InputError
 
-DATASETS = ("mvtec", "visa", "folder", "demo")
+DATASETS = ("mvtec", "visa", "folder", "demo", "demo_real")
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle",
     "cable",
@@ -66,6 +68,15 @@ _KNOWN_CATEGORIES: dict[str, tuple[str, ...]] = {
     "mvtec": MVTEC_CATEGORIES,
     "visa": VISA_CATEGORIES,
     "demo": DEMO_CATEGORIES,
+    "demo_real": REALISTIC_CATEGORIES,
+}
+# generated datasets: their cached copy (made on first use) is the root when no --data-root is given
+_GENERATED_ROOTS: dict[str, Callable[[], Path]] = {"demo": demo_root, "demo_real": realistic_demo_root}
+GENERATED_DATASETS: tuple[str, ...] = tuple(_GENERATED_ROOTS)
+# texture categories of the generated datasets; every realistic demo category is a texture
+_GENERATED_TEXTURES: dict[str, frozenset[str]] = {
+    "demo": DEMO_TEXTURES,
+    "demo_real": frozenset(REALISTIC_CATEGORIES),
 }
 # integer modes whose values span 0..65535: PIL's convert("RGB") would clip them instead of scaling
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
@@ -98,10 +109,10 @@ def list_categories(dataset: str, data_root: Path | None) -> list[str]:
 
     For MVTec AD and prepared VisA these are the dataset's known categories present on disk, so a partial
     download works; `folder` takes every sub-folder with `train/good`; raw VisA takes its split CSV's objects.
-    The cached demo is not generated just to list its categories.
+    A cached generated dataset is not generated just to list its categories.
     """
-    if dataset == "demo" and data_root is None:
-        return list(DEMO_CATEGORIES)
+    if dataset in _GENERATED_ROOTS and data_root is None:
+        return list(_KNOWN_CATEGORIES[dataset])
     root = _data_root(dataset, data_root)
     if dataset == "visa" and _is_raw_visa(root):
         return sorted({row["object"] for row in _read_visa_csv(root)})
@@ -149,10 +160,13 @@ def load_category(dataset: str, data_root: Path | None, category: str) -> Catego
     """Find every image and mask of one category and check that they pair up.
 
     Only file headers are read (to compare mask and image sizes), so this is cheap even for VisA.
-    `data_root` None is allowed only for the demo, whose cached copy is generated on first use.
+    `data_root` None is allowed only for the generated datasets, whose cached copy is made on first use.
     """
     _check_category(dataset, data_root, category, list_categories(dataset, data_root), "--category")
-    root = demo_root() if dataset == "demo" and data_root is None else _data_root(dataset, data_root)
+    if dataset in _GENERATED_ROOTS and data_root is None:
+        root = _GENERATED_ROOTS[dataset]()
+    else:
+        root = _data_root(dataset, data_root)
     if dataset == "visa" and _is_raw_visa(root):
         train, test = _raw_visa_samples(root, category)
     else:
@@ -170,10 +184,11 @@ def largest_first(dataset: str, data_root: Path | None, categories: Sequence[str
 
 def is_texture_category(dataset: str, category: str) -> bool:
     """Whether anomalies may cover the whole image (a texture) rather than an object's foreground: MVTec's
-    textures (and zipper, as the original code has it) and the demo's; VisA and `folder` hold objects."""
+    textures (and zipper, as the original code has it) and the generated datasets' (every `demo_real`
+    category); VisA and `folder` hold objects."""
     if dataset == "mvtec":
         return category in TEXTURE_CATEGORIES
-    return dataset == "demo" and category in DEMO_TEXTURES
+    return category in _GENERATED_TEXTURES.get(dataset, frozenset())
 
 
 def defect_kind(image_id: str) -> str:
@@ -438,14 +453,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> No
         "--dataset",
         choices=DATASETS,
         default="demo",
-        help="dataset kind (default: demo, generated on first use)",
+        help="dataset kind (default: demo; demo and demo_real are generated on first use)",
     )
     group.add_argument(
         "--data-root",
         type=Path,
         default=None,
         metavar="DIR",
-        help="dataset root folder; required unless --dataset demo (then a cached copy under $TFSEARCH_CACHE)",
+        help="dataset root folder; required unless --dataset demo or demo_real (then a cached copy under "
+        "$TFSEARCH_CACHE)",
     )
     group.add_argument(
         "--category", default=None, help="one category" + (" (default: all)" if multiple else "")
@@ -456,6 +472,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> No
 
 __all__ = [
     "DATASETS",
+    "GENERATED_DATASETS",
     "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
     "TEXTURE_CATEGORIES",

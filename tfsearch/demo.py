@@ -4,6 +4,9 @@ Two textures (stripes, weave) and two objects (a disk, a hexagonal nut) with sma
 jitter, and defects drawn on them with exact masks. Defects are at least 6 px wide at 128 px so that they stay
 visible at the CPU profile's 64 px and a tiny model trained for minutes can find them. Every image has its own
 random stream derived from (seed, category, split, index): the same seed gives byte-identical PNGs.
+
+The realistic demo (`--dataset demo_real`, images drawn by `tfsearch.demo_real`) is written and cached the
+same way: irregular photograph-like textures with subtle defects, which a model must learn to find.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from tfsearch import demo_real
+from tfsearch.demo_real import REALISTIC_CATEGORIES, REALISTIC_KINDS
 from tfsearch.errors import InputError
 
 # bump when the generator's output changes, so cached copies of an older version are not reused
 DEMO_FORMAT_VERSION = 1
+REALISTIC_FORMAT_VERSION = 1
 DEMO_IMAGE_SIZE = 128
 DEMO_TEXTURES: frozenset[str] = frozenset({"stripes", "weave"})
 DEMO_CATEGORIES: tuple[str, ...] = ("disk", "nut", "stripes", "weave")
@@ -212,9 +218,11 @@ _CATEGORY_SPECS: dict[str, tuple[Renderer, dict[str, Defect]]] = {
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _image_stream(seed: int, category: str, split: int, index: int) -> np.random.Generator:
+def _image_stream(
+    seed: int, categories: tuple[str, ...], category: str, split: int, index: int
+) -> np.random.Generator:
     """The random stream of one image, independent of generation order."""
-    return np.random.default_rng([seed, DEMO_CATEGORIES.index(category), split, index])
+    return np.random.default_rng([seed, categories.index(category), split, index])
 
 
 def _render(category: str, rng: np.random.Generator, defect: Defect | None) -> tuple[np.ndarray, np.ndarray]:
@@ -233,31 +241,45 @@ def _render(category: str, rng: np.random.Generator, defect: Defect | None) -> t
     return np.round(np.clip(noisy, 0.0, 1.0) * 255.0).astype(np.uint8), region
 
 
+@dataclass(frozen=True)
+class Counts:
+    """How many images a generated category holds: training images, good test images, test images per kind."""
+
+    train: int
+    good_test: int
+    per_kind: int
+
+
+DEMO_COUNTS = Counts(TRAIN_IMAGES, GOOD_TEST_IMAGES, DEFECTIVE_TEST_IMAGES_PER_TYPE)
+REALISTIC_COUNTS = Counts(48, 12, 6)
+
+# (split, index, defect kind or None for a good image) -> uint8 image, bool mask
+SampleRenderer = Callable[[int, int, str | None], tuple[np.ndarray, np.ndarray]]
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
 
 
-def _write_category(folder: Path, category: str, seed: int) -> None:
-    for index in range(TRAIN_IMAGES):
-        image, _ = _render(category, _image_stream(seed, category, 0, index), None)
-        _save_png(image, folder / "train" / "good" / f"{index:03d}.png")
-    for index in range(GOOD_TEST_IMAGES):
-        image, _ = _render(category, _image_stream(seed, category, 1, index), None)
-        _save_png(image, folder / "test" / "good" / f"{index:03d}.png")
-    for split, (name, defect) in enumerate(_CATEGORY_SPECS[category][1].items(), start=2):
-        for index in range(DEFECTIVE_TEST_IMAGES_PER_TYPE):
-            image, region = _render(category, _image_stream(seed, category, split, index), defect)
-            _save_png(image, folder / "test" / name / f"{index:03d}.png")
-            _save_png(region.astype(np.uint8) * 255, folder / "ground_truth" / name / f"{index:03d}_mask.png")
+def _write_category(folder: Path, render: SampleRenderer, kinds: Sequence[str], counts: Counts) -> None:
+    """One category in the MVTec layout; split 0 is train, 1 the good test images, 2... each kind in order."""
+    for index in range(counts.train):
+        _save_png(render(0, index, None)[0], folder / "train" / "good" / f"{index:03d}.png")
+    for index in range(counts.good_test):
+        _save_png(render(1, index, None)[0], folder / "test" / "good" / f"{index:03d}.png")
+    for split, kind in enumerate(kinds, start=2):
+        for index in range(counts.per_kind):
+            image, region = render(split, index, kind)
+            _save_png(image, folder / "test" / kind / f"{index:03d}.png")
+            _save_png(region.astype(np.uint8) * 255, folder / "ground_truth" / kind / f"{index:03d}_mask.png")
 
 
-def write_demo(out: Path, seed: int = 0) -> Path:
-    """Write the demo's categories into `out` (MVTec layout) and return `out`.
-
-    Each category is written into a hidden staging folder and then moved into place, replacing an older copy,
-    so an interrupted run never leaves a half-written category behind.
-    """
+def _write_dataset(
+    out: Path, seed: int, categories: tuple[str, ...], write: Callable[[Path, str], None]
+) -> Path:
+    """Write `categories` into `out` with `write(folder, category)`, each through a hidden staging folder
+    moved into place, replacing an older copy, so an interrupted run never leaves a half-written category."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
     out = Path(out).expanduser()
@@ -266,9 +288,9 @@ def write_demo(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-staging-", dir=out))
     try:
-        for category in DEMO_CATEGORIES:
-            _write_category(staging / category, category, seed)
-        for category in DEMO_CATEGORIES:
+        for category in categories:
+            write(staging / category, category)
+        for category in categories:
             if (out / category).exists():
                 shutil.rmtree(out / category)
             os.replace(staging / category, out / category)
@@ -277,24 +299,52 @@ def write_demo(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_demo(out: Path, seed: int = 0) -> Path:
+    """Write the demo's categories into `out` (MVTec layout) and return `out`."""
+
+    def write(folder: Path, category: str) -> None:
+        renderer, defects = _CATEGORY_SPECS[category]
+
+        def render(split: int, index: int, kind: str | None) -> tuple[np.ndarray, np.ndarray]:
+            rng = _image_stream(seed, DEMO_CATEGORIES, category, split, index)
+            return _render(category, rng, None if kind is None else defects[kind])
+
+        _write_category(folder, render, list(defects), DEMO_COUNTS)
+
+    return _write_dataset(out, seed, DEMO_CATEGORIES, write)
+
+
+def write_realistic_demo(out: Path, seed: int = 0, counts: Counts = REALISTIC_COUNTS) -> Path:
+    """Write the realistic demo (`tfsearch.demo_real`) into `out` (MVTec layout) and return `out`."""
+
+    def write(folder: Path, category: str) -> None:
+        def render(split: int, index: int, kind: str | None) -> tuple[np.ndarray, np.ndarray]:
+            rng = _image_stream(seed, REALISTIC_CATEGORIES, category, split, index)
+            return demo_real.render(category, kind, rng)
+
+        _write_category(folder, render, REALISTIC_KINDS, counts)
+
+    return _write_dataset(out, seed, REALISTIC_CATEGORIES, write)
+
+
 def cache_dir() -> Path:
     """Where generated data is cached: `$TFSEARCH_CACHE`, else `~/.cache/tfsearch`."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tfsearch").expanduser()
 
 
-def demo_root(seed: int = 0) -> Path:
-    """The cached demo dataset for `seed`, generated on first use.
+def _cached(name: str, write: Callable[[Path], Path]) -> Path:
+    """The cached dataset folder `name`, written by `write(folder)` on first use.
 
-    It is generated into a temporary folder beside its final name and renamed into place, which is atomic: a
+    It is written into a temporary folder beside its final name and renamed into place, which is atomic: a
     reader never sees a partial copy, and when two processes race, the loser discards its own copy.
     """
-    final = cache_dir() / f"demo-v{DEMO_FORMAT_VERSION}-seed{seed}"
+    final = cache_dir() / name
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        write_demo(staging, seed)
+        write(staging)
         try:
             os.rename(staging, final)
         except OSError:
@@ -305,27 +355,53 @@ def demo_root(seed: int = 0) -> Path:
     return final
 
 
+def demo_root(seed: int = 0) -> Path:
+    """The cached demo dataset for `seed`, generated on first use."""
+    return _cached(f"demo-v{DEMO_FORMAT_VERSION}-seed{seed}", lambda staging: write_demo(staging, seed))
+
+
+def realistic_demo_root(seed: int = 0) -> Path:
+    """The cached realistic demo dataset (`--dataset demo_real`) for `seed`, generated on first use."""
+    return _cached(
+        f"demo_real-v{REALISTIC_FORMAT_VERSION}-seed{seed}",
+        lambda staging: write_realistic_demo(staging, seed),
+    )
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `tfsearch data demo --out DIR [--seed S]`."""
+    """Add `tfsearch data demo --out DIR [--seed S] [--realistic]`."""
     data = subparsers.add_parser("data", help="dataset utilities", description="Dataset utilities.")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="write the synthetic demo dataset",
+        help="write a synthetic demo dataset",
         description=f"Write the synthetic demo dataset ({', '.join(DEMO_CATEGORIES)}) in the MVTec AD "
-        "layout. Existing demo category folders in --out are replaced.",
+        f"layout, or with --realistic the realistic one ({', '.join(REALISTIC_CATEGORIES)}: irregular "
+        f"photograph-like textures, defect kinds {', '.join(REALISTIC_KINDS)}), which --dataset demo_real "
+        "reads from the cache. Existing category folders of the same names in --out are replaced.",
     )
     demo.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write into")
     demo.add_argument(
         "--seed", type=int, default=0, help="generator seed; the same seed gives identical files"
     )
+    demo.add_argument(
+        "--realistic",
+        action="store_true",
+        help="write the realistic demo (--dataset demo_real) instead of the regular one",
+    )
     demo.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    if args.realistic:
+        out = write_realistic_demo(args.out, args.seed)
+        print(f"wrote the realistic demo dataset (seed {args.seed}) to {out.absolute()}")
+        print(f"categories: {', '.join(REALISTIC_CATEGORIES)} (all textures)")
+        print(f"defect kinds: {', '.join(REALISTIC_KINDS)}")
+        return 0
     out = write_demo(args.out, args.seed)
     textures = ", ".join(sorted(DEMO_TEXTURES))
     print(f"wrote the demo dataset (seed {args.seed}) to {out.absolute()}")
@@ -338,8 +414,13 @@ __all__ = [
     "DEMO_CATEGORIES",
     "DEMO_FORMAT_VERSION",
     "DEMO_TEXTURES",
+    "REALISTIC_COUNTS",
+    "REALISTIC_FORMAT_VERSION",
+    "Counts",
     "cache_dir",
     "demo_root",
+    "realistic_demo_root",
     "register",
     "write_demo",
+    "write_realistic_demo",
 ]

@@ -181,7 +181,7 @@ def make_plan(args) -> RunPlan:
     profile_name = args.profile
     if (
         profile_name is None
-        and args.dataset == "demo"
+        and args.dataset in datasets.GENERATED_DATASETS
         and local_cuda is False
         and space.profile in GPU_PROFILES
     ):
