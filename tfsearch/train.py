@@ -343,19 +343,22 @@ class Trainer:
         self.history = list(state["history"])
 
     def save_checkpoint(self) -> Path:
-        """The milestone's weights and the whole training state; then the training state of every earlier
-        milestone goes (its weights stay): the optimiser's moments are twice the model, at every milestone."""
+        """The whole training state, then the milestone's weights; then the training state of every earlier
+        milestone goes (its weights stay): the optimiser's moments are twice the model, at every milestone.
+        In this order a milestone with model.pt can always be resumed, and a crash between the two files
+        leaves the weights in trainer.pt, which is then kept."""
         folder = self.dir.checkpoint(self.epoch)
         for name, state in (
-            (MODEL_FILE, {"model": self.model.state_dict(), "epoch": self.epoch}),
             (CHECKPOINT_FILE, self.state()),
+            (MODEL_FILE, {"model": self.model.state_dict(), "epoch": self.epoch}),
         ):
             buffer = io.BytesIO()
             torch.save(state, buffer)
             atomic_write(folder / name, lambda handle, data=buffer: handle.write(data.getbuffer()))
         for epoch in self.dir.checkpoint_epochs():
-            if epoch < self.epoch:
-                (self.dir.checkpoint(epoch) / CHECKPOINT_FILE).unlink(missing_ok=True)
+            earlier = self.dir.checkpoint(epoch)
+            if epoch < self.epoch and (earlier / MODEL_FILE).exists():
+                (earlier / CHECKPOINT_FILE).unlink()
         return folder
 
     def load_checkpoint(self, epoch: int) -> None:
