@@ -4,7 +4,9 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,6 +40,55 @@ def demo_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Treat it as read-only; copy it before changing anything.
     """
     return write_demo(tmp_path_factory.mktemp("demo") / "data", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory, demo_dataset_root: Path, ray_instance):
+    """One finished tiny per-class run of the demo's disk and stripes, shared by the tests that only read a
+    finished run (each Ray run costs about a minute here, mostly worker start-up): the end-to-end checks,
+    relative paths, export and predict, and the runs compared with it (S3 storage, a killed driver).
+
+    It is typed as a user would, from `root`: `--data-root mv --runs-root runs --storage store`, all relative.
+    stripes starts training only once disk's selection study has chosen, so disk's selection visibly starts
+    before the last training ends. Treat it as read-only; copy it before changing anything.
+    """
+    import optuna
+    from test_search import run_args, write_space
+
+    from tfsearch.cli import build_parser
+    from tfsearch.plan import make_plan
+    from tfsearch.search import execute
+    from tfsearch.trainable import train_category
+
+    root = tmp_path_factory.mktemp("shared-run")
+    (root / "mv").symlink_to(demo_dataset_root)
+    space = write_space(root)
+    argv = [*run_args(space, Path("runs"), Path("mv"), "shared", "--categories", "disk,stripes")]
+    argv += ["--storage", "store"]
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        plan = make_plan(build_parser().parse_args(argv))
+        studies = f"sqlite:///{plan.run_dir / 'studies.db'}"
+
+        def stripes_waits_for_the_disk_study(config: dict, settings: dict) -> None:
+            if config["category"] == "stripes":
+                deadline = time.monotonic() + 240
+                while time.monotonic() < deadline:
+                    summaries = optuna.get_all_study_summaries(studies)
+                    if any(s.study_name == "tiny/demo/disk" and "choice" in s.user_attrs for s in summaries):
+                        break
+                    time.sleep(1)
+                else:
+                    raise RuntimeError("disk's study never finished while stripes waited")
+            train_category(config, settings)
+
+        selected = execute(plan, trainable=stripes_waits_for_the_disk_study)
+    finally:
+        os.chdir(previous)
+    return SimpleNamespace(
+        root=root, argv=argv, plan=plan, run_dir=plan.run_dir, train=plan.storage / "train", selected=selected
+    )
 
 
 def free_port() -> int:

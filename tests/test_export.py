@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_search import plan_for
 
 from tfsearch.cli import main
 from tfsearch.config import Profile
@@ -21,7 +20,6 @@ from tfsearch.export import choose_threshold, read_export
 from tfsearch.map_cache import read_map_set
 from tfsearch.metrics import auroc, fuse, image_scores
 from tfsearch.score import read_map
-from tfsearch.search import execute
 from tfsearch.train import TrainDir
 from tfsearch.unet import TransFusionUNet
 
@@ -37,13 +35,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, demo_dataset_root, ray_instance):
-    """A tiny per-class run on the demo's stripes (2 epochs at 32 px) and its export."""
-    folder = tmp_path_factory.mktemp("export")
-    plan = plan_for(folder, demo_dataset_root, "pc", "stripes")
-    execute(plan)
-    assert main(["export", str(plan.run_dir), "--out", str(folder / "export")]) == 0
-    return plan.run_dir, folder / "export" / "stripes"
+def exported(tmp_path_factory, shared_run):
+    """The shared tiny per-class run (2 epochs at 32 px) and the export of its stripes model."""
+    out = tmp_path_factory.mktemp("export") / "export"
+    assert main(["export", str(shared_run.run_dir), "--out", str(out), "--categories", "stripes"]) == 0
+    return shared_run.run_dir, out / "stripes"
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -52,13 +48,18 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def selected_row(run_dir: Path) -> dict:
-    (row,) = read_rows(run_dir / "selected.csv")
+    (row,) = [r for r in read_rows(run_dir / "selected.csv") if r["category"] == "stripes"]
     return row
+
+
+def training_runs(run_dir: Path) -> Path:
+    """The folder that holds a run's training runs (its storage's `train`)."""
+    return Path(json.loads((run_dir / "config.json").read_text())["storage"]) / "train"
 
 
 def cached_fused_maps(run_dir: Path, row: dict):
     """The run's own test maps at the selected configuration, fused as the selection fused them."""
-    cache = read_map_set(TrainDir(run_dir / "train" / "stripes" / row["selected_model"]).maps(
+    cache = read_map_set(TrainDir(training_runs(run_dir) / "stripes" / row["selected_model"]).maps(
         int(row["selected_epoch"]), "test"))  # fmt: skip
     fused = fuse(cache.m_disc, cache.m_recon, float(row["selected_lam"]), int(row["selected_kernel"]))
     return cache, fused
@@ -278,13 +279,13 @@ def test_export_reads_checkpoints_and_maps_from_an_object_store(exported, tmp_pa
 
     run_dir, export = exported
     uri = s3_uri(s3_endpoint, f"{BUCKET}/pc")
-    Location.parse(uri).upload(run_dir / "train", "train")
+    Location.parse(uri).upload(training_runs(run_dir) / "stripes", "train/stripes")
     remote_run = tmp_path / "pc"  # the tables only, as on a machine that did not train
     remote_run.mkdir()
     shutil.copy(run_dir / "selected.csv", remote_run)
     config = json.loads((run_dir / "config.json").read_text())
     (remote_run / "config.json").write_text(json.dumps({**config, "storage": uri}))
-    assert main(["export", str(remote_run), "--out", str(tmp_path / "out")]) == 0
+    assert main(["export", str(remote_run), "--out", str(tmp_path / "out"), "--categories", "stripes"]) == 0
 
     manifest = json.loads((tmp_path / "out" / "stripes" / "manifest.json").read_text())
     local = json.loads((export / "manifest.json").read_text())

@@ -30,37 +30,27 @@ def plan_from(*argv: str):
 
 
 # ------------------------------------------------------------------------------------------ paths
-def test_relative_paths_are_resolved_on_the_driver(tmp_path, demo_dataset_root, monkeypatch, ray_instance):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mv").symlink_to(demo_dataset_root)
-    space = write_space(tmp_path)
-    args = [
-        *run_args(space, Path("runs"), Path("mv"), "rel", "--categories", "stripes"),
-        "--storage",
-        "store",
-    ]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "runs" / "rel" / "config.json").read_text())
+def test_relative_paths_are_resolved_on_the_driver(shared_run, demo_dataset_root, monkeypatch):
+    # the shared run was typed with --data-root mv --runs-root runs --storage store, from its root folder
+    root = shared_run.root
+    config = json.loads((root / "runs" / "shared" / "config.json").read_text())
     assert config["data_root"] == str(demo_dataset_root.resolve())
-    assert config["storage"] == str(tmp_path / "store" / "rel")
-    (row,) = read_rows(tmp_path / "runs" / "rel" / "selected.csv")
-    assert (
-        row["category"] == "stripes" and row["status"] == "ok" and float(row["selected_test_image_auroc"]) > 0
-    )
+    assert config["storage"] == str(root / "store" / "shared")
+    rows = read_rows(root / "runs" / "shared" / "selected.csv")
+    assert [(r["category"], r["status"]) for r in rows] == [("disk", "ok"), ("stripes", "ok")]
+    assert all(float(r["selected_test_image_auroc"]) > 0 for r in rows)
     # every result reached the storage folder, the report and the studies too
     for name in ("config.json", "trials.csv", "selected.csv", STUDIES_DB, "report/report.md"):
-        assert (tmp_path / "store" / "rel" / name).is_file(), name
+        assert (root / "store" / "shared" / name).is_file(), name
+    assert (root / "store" / "shared" / "train" / "stripes" / "default" / "milestones.json").is_file()
 
     # a run of the same name from another run folder finds the experiment at the storage and refuses
-    other = [
-        *run_args(space, Path("elsewhere"), Path("mv"), "rel", "--categories", "stripes"),
-        "--storage",
-        "store",
-    ]
-    refused = re.escape(str(tmp_path / "store" / "rel")) + "/(tune|train) already holds a run"
+    monkeypatch.chdir(root)
+    other = [a if a != "runs" else "elsewhere" for a in shared_run.argv]
+    refused = re.escape(str(root / "store" / "shared")) + "/(tune|train) already holds a run"
     with pytest.raises(InputError, match=refused):
         execute(make_plan(build_parser().parse_args(other)))
-    assert not (tmp_path / "elsewhere" / "rel").exists()
+    assert not (root / "elsewhere" / "shared").exists()
 
 
 @pytest.mark.parametrize("flag", ["--data-root", "--texture-root", "--fg-root"])

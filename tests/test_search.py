@@ -138,27 +138,8 @@ def test_unreachable_address_fails_fast(tmp_path, demo_dataset_root, capsys):
 
 
 # ----------------------------------------------------------------------------------------- runs
-def test_per_class_run_end_to_end(tmp_path, demo_dataset_root, ray_instance):
-    plan = plan_for(tmp_path, demo_dataset_root, "pc", "disk,stripes")
-    studies = plan.run_dir / "studies.db"
-
-    def stripes_waits_for_the_disk_study(config, settings):
-        """stripes trains only once disk's study is chosen: the selection of a category must not wait
-        for the training of the others"""
-        if config["category"] == "stripes":
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                names = {
-                    s.study_name: s.user_attrs for s in optuna.get_all_study_summaries(f"sqlite:///{studies}")
-                }
-                if "choice" in names.get("tiny/demo/disk", {}):
-                    break
-                time.sleep(1)
-            else:
-                raise RuntimeError("disk's study never finished while stripes waited")
-        train_category(config, settings)
-
-    selected = execute(plan, trainable=stripes_waits_for_the_disk_study)
+def test_per_class_run_end_to_end(shared_run):
+    plan, selected = shared_run.plan, shared_run.selected
     run_dir = plan.run_dir
     assert [r["category"] for r in selected] == ["disk", "stripes"]
     for row in selected:
@@ -254,10 +235,10 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
 
 
-def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_dataset_root, ray_instance):
+def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_dataset_root, shared_run):
     import ray
 
-    space = write_space(tmp_path, profile_overrides={**TINY["profile_overrides"], "epochs": 3})
+    space = write_space(tmp_path)
     address = ray.get_runtime_context().gcs_address
     root = tmp_path / "runs"
     args = [
@@ -279,12 +260,11 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, demo_
 
     assert main([*args, "--resume"]) == 0
     assert first.stat().st_mtime_ns == stamp  # the milestone that existed was not retrained
-    uninterrupted = [*run_args(space, root, demo_dataset_root, "whole", "--categories", "stripes")]
-    assert main(uninterrupted) == 0
+    # the same rows as the shared run's stripes, which nothing interrupted
     killed_rows = comparable(read_rows(root / "killed" / "trials.csv"))
-    whole_rows = comparable(read_rows(root / "whole" / "trials.csv"))
-    assert killed_rows == whole_rows
-    assert len([r for r in killed_rows if r["stage"] == "train"]) == 3
+    whole_rows = comparable(read_rows(shared_run.run_dir / "trials.csv"))
+    assert killed_rows == [r for r in whole_rows if r["category"] == "stripes"]
+    assert len([r for r in killed_rows if r["stage"] == "train"]) == 2
 
 
 def test_training_hyperparameters_are_searched_with_asha(tmp_path, demo_dataset_root, ray_instance):

@@ -107,24 +107,28 @@ def test_folders_round_trip_with_meta_json_last(tmp_path, s3_endpoint):
 
 
 # --------------------------------------------------------------------------------------------- a run
-def test_s3_run_matches_a_folder_run(tmp_path, demo_dataset_root, s3_endpoint, ray_instance, monkeypatch):
+def test_s3_run_matches_a_folder_run(tmp_path, s3_endpoint, shared_run, monkeypatch):
+    """The shared run's stripes again, with an object store as storage: the same rows."""
     space = write_space(tmp_path)
     root = tmp_path / "runs"
     storage = s3_uri(s3_endpoint, f"{BUCKET}/runs")
-    args = [*run_args(space, root, demo_dataset_root, "s3", "--categories", "stripes"), "--storage", storage]
+    args = [
+        *run_args(space, root, shared_run.plan.data_root, "s3", "--categories", "stripes"),
+        "--storage",
+        storage,
+    ]
     # the CLI in its own process: its local Ray instance hands the credentials to its workers
     env = {**os.environ, **CREDENTIALS}
     subprocess.run([sys.executable, "-m", "tfsearch.cli", *args], env=env, check=True, timeout=600)
 
-    # the same run with a folder as storage, given relative to the working directory (trials run elsewhere)
-    monkeypatch.chdir(tmp_path)
-    folder_args = run_args(space, root, demo_dataset_root, "folder", "--categories", "stripes")
-    assert main([*folder_args, "--storage", "shared"]) == 0
-    assert (tmp_path / "shared" / "folder" / "train" / "stripes" / "default" / "milestones.json").is_file()
+    def stripes(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r["category"] == "stripes"]
 
-    s3_run, folder_run = root / "s3", root / "folder"
-    assert read_rows(s3_run / "selected.csv") == read_rows(folder_run / "selected.csv")
-    assert comparable(read_rows(s3_run / "trials.csv")) == comparable(read_rows(folder_run / "trials.csv"))
+    s3_run, folder_run = root / "s3", shared_run.run_dir
+    assert read_rows(s3_run / "selected.csv") == stripes(read_rows(folder_run / "selected.csv"))
+    assert comparable(read_rows(s3_run / "trials.csv")) == stripes(
+        comparable(read_rows(folder_run / "trials.csv"))
+    )
 
     # the object store holds the training run, Tune's experiment and the tables; the run folder only a cache
     for key, value in CREDENTIALS.items():
