@@ -1,5 +1,5 @@
-"""`tfsearch run`: train once per category with Ray Tune, then select (epoch, λ, n) with Optuna on cached
-maps, then the tables and the report.
+"""`tfsearch run`: train once per category (K times with `--seeds K`) with Ray Tune, then select (epoch, λ,
+n) with Optuna on cached maps, then the tables and the report.
 
 How a run flows, module by module (imports point down this list only):
 

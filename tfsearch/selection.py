@@ -8,6 +8,9 @@ any λ costs microseconds. So `exhaustive` and `grid` spaces evaluate every cand
 in bulk; `tpe` and `random` draw `trials` of them. Pixel metrics go through `MapFuser`, whose filtered maps
 are cached per milestone.
 
+With several training seeds per category (`--seeds K`) a candidate is scored on every seed's maps and its
+metrics, hence the objective, are the mean over the seeds (`SeedMeans`).
+
 A study lives in the run's Optuna storage; every candidate keeps its metrics in `user_attrs`, which is where
 `trials.csv` is rebuilt from, so a resumed run neither loses nor duplicates rows. When the run ends the study
 also records its choice (`CHOICE_ATTR`): the best candidate or the default, how many candidates tied at the

@@ -3,8 +3,9 @@ over (model, epoch, λ, n) evaluated on the maps the training stage cached.
 
 The studies run as Ray tasks on the driver's node, whose disk holds the studies file and the maps (with an
 object-store storage each task first fetches its categories' maps into the run's cache/). Nothing here
-trains. A group of categories is selected as soon as every category in it finished training, while the
-other categories still train (`Selection`).
+trains. A group of categories is selected as soon as every category in it finished training (with
+`--seeds K`, every seed of it), while the other categories still train (`Selection`). With several seeds a
+category's candidates are scored on each seed's maps and ranked by the mean (`tfsearch.selection.SeedMeans`).
 """
 
 from __future__ import annotations

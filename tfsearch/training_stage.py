@@ -1,10 +1,11 @@
-"""The training stage, on the driver: one Ray Tune trial per (category, training configuration).
+"""The training stage, on the driver: one Ray Tune trial per (category, training configuration, seed).
 
-Without training hyperparameters one experiment holds a trial per category. With them, each category gets
-its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops poor ones at
-milestones (epochs are the resource), so categories never compete with each other. Tune restores an
-experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a category
-whose trial fails for good is returned as failed, never passed on as if it had finished.
+Without training hyperparameters one experiment holds a trial per category, or per category and seed with
+`--seeds K` (K trials per category side by side: work for more GPUs than categories). With them, each
+category gets its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops
+poor ones at milestones (epochs are the resource), so categories never compete with each other. Tune
+restores an experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a
+category whose trial fails for good is returned as failed, never passed on as if it had finished.
 """
 
 from __future__ import annotations
