@@ -86,6 +86,16 @@ def test_a_category_is_trained_once_all_its_seeds_completed():
     assert told == ["disk"]
 
 
+def test_export_refuses_a_run_of_several_seeds(tmp_path):
+    from tfsearch.export import read_selected
+    from tfsearch.run_folder import write_csv
+
+    row = {"dataset": "demo", "category": "stripes", "status": "ok", "seeds": 2, "selected_model": "default"}
+    write_csv(tmp_path / "selected.csv", selected_columns(2), [row])
+    with pytest.raises(InputError, match=r"several seeds per category \(--seeds\).*not supported yet"):
+        read_selected(tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ a real run
 def brute_force(plan, seed, config: Config) -> dict[str, float]:
     """Every metric of `config` on one seed's cached test maps, recomputed from the maps."""

@@ -126,9 +126,10 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     categories = largest_first(plan.dataset, plan.data_root, plan.categories)
     # each experiment's name, the category it trains alone (None: all of them) and its Tuner arguments
     if plan.space.training is None:
-        # with several seeds, each (category, seed) is a trial of its own: more trials than categories
+        # with several seeds, each (category, seed) is a trial of its own: more trials than categories; the
+        # grid's first key varies fastest, so a category's seeds start one after another, largest first
         seeds = {"seed": tune.grid_search(plan.training_seeds)} if plan.seeds > 1 else {}
-        grid = {"param_space": {"category": tune.grid_search(categories), **seeds}}
+        grid = {"param_space": {**seeds, "category": tune.grid_search(categories)}}
         experiments = {"train": (None, lambda: grid)}
     else:
         experiments = {f"train-{c}": (c, lambda c=c: training_search(plan, c)) for c in categories}
