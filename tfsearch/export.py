@@ -132,6 +132,12 @@ def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
         rows = list(csv.DictReader(handle))
     failed = {row["category"]: row.get("error", "") for row in rows if row.get("status") == "failed"}
     rows = [row for row in rows if row["category"] not in failed]
+    if any(row.get("seeds") for row in rows):
+        raise InputError(
+            f"{path}: a run trained with several seeds per category (--seeds) selects a configuration by the"
+            " mean over its seeds, of which there is no one model to export; exporting such runs is not"
+            " supported yet"
+        )
     try:
         selected = [
             Selected(

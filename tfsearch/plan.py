@@ -54,6 +54,7 @@ class RunPlan:
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
     allow_cpu: bool = False  # a GPU profile may train where a trial's node has no CUDA
+    seeds: int = 1  # training runs per category (and training configuration), seeds `training_seeds`
     # not part of the plan's identity: may change on --resume
     max_failures: int = 2
     quiet: bool = False
@@ -108,6 +109,14 @@ class RunPlan:
     def train_dir(self, category: str, model: str) -> Path:
         return self.storage / "train" / category / model
 
+    @property
+    def training_seeds(self) -> list[int | None]:
+        """The seed of each training run of a category: None (the profile's own seed, in the folder of the
+        model alone) with one seed, else the profile's seed + 0 .. K-1, each in a folder of its own."""
+        if self.seeds == 1:
+            return [None]
+        return [self.profile.seed + index for index in range(self.seeds)]
+
     def describe(self) -> dict:
         """The plan as JSON; two plans that describe the same are the same run."""
         return {
@@ -127,6 +136,7 @@ class RunPlan:
             "restrict_to_foreground": self.restrict_to_foreground,
             "precision": self.precision,
             "channels_last": self.channels_last,
+            **({"seeds": self.seeds} if self.seeds > 1 else {}),  # a one-seed run's plan reads as before
             "selection": {
                 "metric": self.space.metric,
                 "sampler": self.space.sampler,
@@ -156,6 +166,34 @@ def model_id(train_params: dict) -> str:
     if not train_params:
         return "default"
     return "-".join(f"{k}={train_params[k]:.4g}" for k in sorted(train_params)).replace("/", "_")
+
+
+SEED_MARK = "-seed="
+
+
+def seeded_model(model: str, seed: int | None) -> str:
+    """The folder of one training run: the model's id, and with several seeds the seed after it
+    (`default-seed=4`); `split_seed` reads it back."""
+    return model if seed is None else f"{model}{SEED_MARK}{seed}"
+
+
+def split_seed(folder: str) -> tuple[str, int | None]:
+    """A training run's folder name as (model id, seed or None); the inverse of `seeded_model`."""
+    model, mark, seed = folder.rpartition(SEED_MARK)
+    return (model, int(seed)) if mark and seed.isdigit() else (folder, None)
+
+
+def resolve_seeds(typed: int | None, space: Space) -> int:
+    """`--seeds`, else the space's `seeds:` key; a count below 1 is an error naming the flag."""
+    seeds = space.seeds if typed is None else typed
+    if seeds < 1:
+        raise InputError(f"--seeds {typed}: expected a positive number of training runs per category")
+    if seeds > 1 and space.training is not None:
+        raise InputError(
+            f"--seeds {seeds} (or the space's seeds: key) with the training: parameters of {space.source}:"
+            " several seeds per training configuration are not supported yet; use one seed there"
+        )
+    return seeds
 
 
 def input_folder(flag: str, typed: Path | str | None) -> Path | None:
@@ -212,6 +250,7 @@ def make_plan(args) -> RunPlan:
             " to train on the CPU (the paper profile takes days per category there), or --address to join"
             " a cluster with GPUs"
         )
+    seeds = resolve_seeds(getattr(args, "seeds", None), space)
     name = args.name or f"{space.name}-{args.dataset}"
     run_dir = Path(args.runs_root).expanduser().resolve() / name
     location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
@@ -228,6 +267,7 @@ def make_plan(args) -> RunPlan:
         restrict_to_foreground=not args.no_foreground,
         gpus_per_trial=gpus_per_trial,
         allow_cpu=args.allow_cpu,
+        seeds=seeds,
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
         quiet=args.quiet,
@@ -256,7 +296,12 @@ def start_run(plan: RunPlan, resume: bool) -> None:
         current = json.loads(json.dumps(plan.describe()))  # tuples become lists, as stored
         changed = sorted(k for k, v in current.items() if stored.get(k) != v)
         if changed:
-            raise InputError(f"--resume: this command differs from {config} in {changed}")
+            seeds = (
+                f"; --seeds {plan.seeds} where the run trained {stored.get('seeds', 1)} seed(s)"
+                if "seeds" in changed
+                else ""
+            )
+            raise InputError(f"--resume: this command differs from {config} in {changed}{seeds}")
         return
     if resume:
         raise InputError(f"--resume: {plan.run_dir} holds no run to resume")

@@ -11,8 +11,10 @@ A run folder (`--runs-root`/NAME) holds:
                     when the run folder is on shared storage
     trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
     selected.csv    per category: the default configuration's and the selected configuration's metrics
+                    (with --seeds K > 1: the mean over seeds, a `seeds` column and a `*_std` per metric)
     importance.csv  per dataset (and category): how much epoch, λ and n move the selection metric
-    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train)
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.train); with
+                    --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.plan.seeded_model)
     tune/           Ray Tune's experiment state, which `--resume` restores
 """
 
@@ -81,6 +83,23 @@ SELECTED_COLUMNS = (
     "error",
 )
 IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
+# a run with several seeds per category (`--seeds`) adds these columns; a one-seed run's tables are as above
+SEED_COLUMN = "seed"  # trials.csv: the seed of a training row's run (selection rows: the mean over seeds)
+SEED_SPREAD_FIELDS = ("selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SELECTED_SEED_COLUMNS = (
+    "seeds",  # how many seeds each `default_*`/`selected_*` metric is the mean of
+    *(f"{prefix}_{f}_std" for prefix in ("default", "selected") for f in SEED_SPREAD_FIELDS),
+)
+
+
+def trial_columns(seeds: int) -> tuple[str, ...]:
+    """The columns of trials.csv for a run of `seeds` seeds per category."""
+    return TRIAL_COLUMNS + ((SEED_COLUMN,) if seeds > 1 else ())
+
+
+def selected_columns(seeds: int) -> tuple[str, ...]:
+    """The columns of selected.csv for a run of `seeds` seeds per category."""
+    return SELECTED_COLUMNS + (SELECTED_SEED_COLUMNS if seeds > 1 else ())
 
 
 def maps_folder(train_dir: Path, epoch: int, split: str = "test") -> Path:

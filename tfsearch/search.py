@@ -1,5 +1,5 @@
-"""`tfsearch run`: train once per category with Ray Tune, then select (epoch, λ, n) with Optuna on cached
-maps, then the tables and the report.
+"""`tfsearch run`: train once per category (K times with `--seeds K`) with Ray Tune, then select (epoch, λ,
+n) with Optuna on cached maps, then the tables and the report.
 
 How a run flows, module by module (imports point down this list only):
 
@@ -123,6 +123,13 @@ def register(subparsers) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), help="training profile (default: the space's)")
     parser.add_argument(
         "--epochs", type=int, help="override the profile's epochs (LR drop and grid scale along)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="train each category K times, seeds profile seed + 0..K-1, as K trials side by side (work for"
+        " more GPUs than categories); selection ranks by the mean over seeds, the tables give mean and std"
+        " (default: the space's seeds: key, else 1)",
     )
     parser.add_argument("--name", help="run name (default: SPACE-DATASET)")
     parser.add_argument("--runs-root", default="runs", help="folder that holds the runs (default: runs)")

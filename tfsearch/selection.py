@@ -8,6 +8,9 @@ any λ costs microseconds. So `exhaustive` and `grid` spaces evaluate every cand
 in bulk; `tpe` and `random` draw `trials` of them. Pixel metrics go through `MapFuser`, whose filtered maps
 are cached per milestone.
 
+With several training seeds per category (`--seeds K`) a candidate is scored on every seed's maps and its
+metrics, hence the objective, are the mean over the seeds (`SeedMeans`).
+
 A study lives in the run's Optuna storage; every candidate keeps its metrics in `user_attrs`, which is where
 `trials.csv` is rebuilt from, so a resumed run neither loses nor duplicates rows. When the run ends the study
 also records its choice (`CHOICE_ATTR`): the best candidate or the default, how many candidates tied at the
@@ -114,13 +117,49 @@ class CandidateSet:
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Unweighted mean over categories, as the paper averages; undefined values are left out."""
-    means = {}
+    """Unweighted mean over categories, as the paper averages (or over a category's seeds); undefined values
+    are left out."""
+    return _over_runs(per_category, np.mean, least=1)
+
+
+def std_metrics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Sample standard deviation (ddof 1) over a category's seeds; undefined values are left out, and fewer
+    than two defined values give NaN."""
+    return _over_runs(per_seed, lambda values: np.std(values, ddof=1), least=2)
+
+
+def _over_runs(runs: dict, reduce, least: int) -> dict[str, float]:
+    """Each metric some run has, reduced over the runs that define it (NaN with fewer than `least`)."""
+    reduced = {}
     for name in METRIC_NAMES:
-        if any(name in m for m in per_category.values()):
-            values = [m[name] for m in per_category.values() if not math.isnan(m.get(name, math.nan))]
-            means[name] = float(np.mean(values)) if values else float("nan")
-    return means
+        if any(name in m for m in runs.values()):
+            values = [m[name] for m in runs.values() if not math.isnan(m.get(name, math.nan))]
+            reduced[name] = float(reduce(values)) if len(values) >= least else float("nan")
+    return reduced
+
+
+class SeedMeans:
+    """A category trained with several seeds, each with its own cached maps (`CandidateSet`): a candidate
+    is scored on every seed's maps and records the mean, so a study ranks configurations by the mean over
+    seeds. `per_seed` gives the values the tables take the mean and the spread of."""
+
+    def __init__(self, seeds: dict[int, CandidateSet]) -> None:
+        self.seeds = dict(seeds)
+
+    def per_seed(self, config: Config) -> dict[int, dict[str, float]]:
+        """Every metric of a configuration on each seed's maps."""
+        return {seed: candidates.evaluate(config) for seed, candidates in self.seeds.items()}
+
+    def evaluate(self, config: Config) -> dict[str, float]:
+        return mean_metrics(self.per_seed(config))
+
+    def candidate_metrics(self, config: Config, metric: str, all_metrics: bool = False) -> dict[str, float]:
+        return mean_metrics(
+            {
+                seed: candidates.candidate_metrics(config, metric, all_metrics)
+                for seed, candidates in self.seeds.items()
+            }
+        )
 
 
 def make_sampler(
@@ -232,7 +271,8 @@ class StudyPlan:
 
     name: str
     space: Space
-    candidates: dict[str, CandidateSet]  # category -> its candidates on the selection split
+    # category -> its candidates on the selection split (the mean over its seeds with several)
+    candidates: dict[str, CandidateSet | SeedMeans]
     checkpoints: list[tuple[str, int]]  # (model, milestone epoch) pairs every category has maps of
     default: Config
     # metric that settles a tie at the best selection value (None: the default, then the first candidate)

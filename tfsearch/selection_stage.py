@@ -3,8 +3,9 @@ over (model, epoch, λ, n) evaluated on the maps the training stage cached.
 
 The studies run as Ray tasks on the driver's node, whose disk holds the studies file and the maps (with an
 object-store storage each task first fetches its categories' maps into the run's cache/). Nothing here
-trains. A group of categories is selected as soon as every category in it finished training, while the
-other categories still train (`Selection`).
+trains. A group of categories is selected as soon as every category in it finished training (with
+`--seeds K`, every seed of it), while the other categories still train (`Selection`). With several seeds a
+category's candidates are scored on each seed's maps and ranked by the mean (`tfsearch.selection.SeedMeans`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import numpy as np
 
-from tfsearch.plan import RunPlan
+from tfsearch.plan import RunPlan, seeded_model, split_seed
 from tfsearch.run_folder import MILESTONE_LOG, read_milestone_log
 from tfsearch.studies import open_studies, studies_file, study_name
 from tfsearch.train import TrainDir
@@ -24,13 +25,20 @@ VALIDATION_TIE_BREAK = "pixel_ap"
 
 
 def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
-    """Training configurations of a category and the milestone epochs whose maps they finished."""
-    models = {}
+    """Training configurations of a category and the milestone epochs whose maps they finished; with
+    several seeds, the epochs that every seed of the configuration finished."""
+    reached: dict[str, dict[int | None, set[int]]] = {}
     folder = plan.storage / "train" / category
     for model_dir in sorted(p for p in folder.glob("*") if p.is_dir()):
-        epochs = [e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones]
+        model, seed = split_seed(model_dir.name) if plan.seeds > 1 else (model_dir.name, None)
+        epochs = {e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones}
+        if seed in plan.training_seeds and epochs:
+            reached.setdefault(model, {})[seed] = epochs
+    models = {}
+    for model, by_seed in reached.items():
+        epochs = set.intersection(*by_seed.values()) if len(by_seed) == plan.seeds else set()
         if epochs:
-            models[model_dir.name] = epochs
+            models[model] = sorted(epochs)
     return models
 
 
@@ -119,7 +127,7 @@ def selection_study_names(plan: RunPlan) -> list[str]:
 def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
     """Candidates of a group of categories on `split` (default: the selection split), or None when some
     category has no finished milestone yet."""
-    from tfsearch.selection import CandidateSet, Config, StudyPlan
+    from tfsearch.selection import CandidateSet, Config, SeedMeans, StudyPlan
 
     split = split or plan.selection_split
     allowed = set(plan.space.epoch_choices(plan.milestones))
@@ -131,10 +139,20 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
     if not checkpoints:
         return None
     kernels = plan.space.values("kernel", plan.profile.kernel)
-    candidates = {
-        c: CandidateSet(
-            {(m, e): TrainDir(plan.train_dir(c, m)).maps(e, split) for m, e in checkpoints}, kernels
+
+    def candidate_set(category: str, seed: int | None) -> CandidateSet:
+        return CandidateSet(
+            {
+                (m, e): TrainDir(plan.train_dir(category, seeded_model(m, seed))).maps(e, split)
+                for m, e in checkpoints
+            },
+            kernels,
         )
+
+    candidates = {
+        c: candidate_set(c, None)
+        if plan.seeds == 1
+        else SeedMeans({seed: candidate_set(c, seed) for seed in plan.training_seeds})
         for c in categories
     }
     model = default_model(plan, categories, {m for m, _ in checkpoints})

@@ -10,6 +10,7 @@ is validated here, and an error names the file and the key:
     profile: paper            # default training profile; --profile overrides it
     profile_overrides: {}     # Profile fields, e.g. {epochs: 1500, lr: 1.0e-5}
     milestones: {every: 50}   # or a list of epochs; default: the profile's grid; its last epoch is always one
+    seeds: 1                  # training runs per category, seeds profile seed + 0..K-1; --seeds overrides it
     selection:
       metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max
       sampler: exhaustive     # (default) exhaustive | grid: every candidate; tpe | random: `trials` of them
@@ -59,6 +60,7 @@ TOP_KEYS = {
     "selection",
     "params",
     "training",
+    "seeds",
 }
 TRAINABLE = {"lr": float, "base_channels": int, "steps": int, "batch_size": int, "weight_decay": float}
 
@@ -108,6 +110,7 @@ class Space:
     params: dict[str, Param] = field(default_factory=dict)
     training: TrainingSearch | None = None
     source: str = ""
+    seeds: int = 1  # training runs per category (and training configuration), each with its own seed
 
     @property
     def enumerated(self) -> bool:
@@ -322,6 +325,10 @@ def parse_space(payload: object, source: str) -> Space:
     if scope == "single" and any(isinstance(p, FloatRange | Choices | Grid) for p in params.values()):
         raise _fail(source, "params", "fixed values with scope: single", raw_params)
 
+    seeds = payload.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise _fail(source, "seeds", "a positive integer (training runs per category)", seeds)
+
     return Space(
         name=str(payload.get("name", Path(source).stem)),
         description=str(payload.get("description", "")),
@@ -338,6 +345,7 @@ def parse_space(payload: object, source: str) -> Space:
         params=params,
         training=_training(payload["training"], source) if payload.get("training") is not None else None,
         source=source,
+        seeds=seeds,
     )
 
 

@@ -13,11 +13,11 @@ from datetime import timezone
 from tfsearch.plan import RunPlan
 from tfsearch.run_folder import (
     RUN_TABLES,
-    SELECTED_COLUMNS,
     SELECTED_FILE,
-    TRIAL_COLUMNS,
     TRIALS_FILE,
     read_milestone_log,
+    selected_columns,
+    trial_columns,
     write_csv,
 )
 from tfsearch.selection_stage import selection_plan, selection_study_names
@@ -100,7 +100,7 @@ def write_trials(plan: RunPlan) -> list[dict]:
             r["epoch"],
         )
     )
-    write_csv(plan.run_dir / TRIALS_FILE, TRIAL_COLUMNS, rows)
+    write_csv(plan.run_dir / TRIALS_FILE, trial_columns(plan.seeds), rows)
     return rows
 
 
@@ -110,7 +110,7 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
     `failed` row naming the error of a category whose training failed for good."""
     import optuna
 
-    from tfsearch.selection import best_config, choice_columns
+    from tfsearch.selection import best_config, choice_columns, mean_metrics, std_metrics
 
     storage = open_studies(studies_file(plan.run_dir))
     common = {
@@ -143,11 +143,20 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
         for category in group:
             row = {**common, "category": category, **choice_columns(choice), "status": "ok", "error": ""}
             for prefix, config in (("default", default), ("selected", chosen)):
-                own = selection.candidates[category].evaluate(config)
-                tested = own if test is selection.candidates else test[category].evaluate(config)
                 row.update({f"{prefix}_{k}": v for k, v in config.as_params().items()})
-                row[f"{prefix}_selection_value"] = own[plan.space.metric]
-                row.update({f"{prefix}_test_{k}": v for k, v in tested.items()})
+                if plan.seeds == 1:
+                    own = selection.candidates[category].evaluate(config)
+                    tested = own if test is selection.candidates else test[category].evaluate(config)
+                    row[f"{prefix}_selection_value"] = own[plan.space.metric]
+                    row.update({f"{prefix}_test_{k}": v for k, v in tested.items()})
+                    continue
+                # the mean over seeds (what the study ranked) and its sample standard deviation
+                own = selection.candidates[category].per_seed(config)
+                tested = own if test is selection.candidates else test[category].per_seed(config)
+                for suffix, reduce in (("", mean_metrics), ("_std", std_metrics)):
+                    row[f"{prefix}_selection_value{suffix}"] = reduce(own)[plan.space.metric]
+                    row.update({f"{prefix}_test_{k}{suffix}": v for k, v in reduce(tested).items()})
+                row["seeds"] = plan.seeds
             rows.append(row)
             if not plan.quiet:
                 print(
@@ -156,7 +165,7 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
                     f" λ {chosen.lam:.3f}, n {chosen.kernel}); test image AUROC"
                     f" {row['selected_test_image_auroc']:.4f}"
                 )
-    write_csv(plan.run_dir / SELECTED_FILE, SELECTED_COLUMNS, rows)
+    write_csv(plan.run_dir / SELECTED_FILE, selected_columns(plan.seeds), rows)
     return rows
 
 

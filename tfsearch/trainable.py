@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tfsearch.atomic import atomic_write_json
-from tfsearch.plan import model_id
+from tfsearch.plan import model_id, seeded_model
 from tfsearch.run_folder import MILESTONE_LOG, now, read_milestone_log
 from tfsearch.spaces import TRAINABLE
 from tfsearch.storage import Location
@@ -35,10 +35,12 @@ from tfsearch.train import TrainDir, TrainJob
 SCRATCH_ENV = "TFSEARCH_SCRATCH"
 
 
-def job_from_settings(settings: dict, category: str, train_params: dict) -> TrainJob:
-    """A category's training job, from the plan's job template and a trial's training hyperparameters."""
+def job_from_settings(settings: dict, category: str, train_params: dict, seed: int | None = None) -> TrainJob:
+    """A category's training job, from the plan's job template, a trial's training hyperparameters and its
+    seed (None: the profile's own)."""
     job = TrainJob.from_dict({**settings["job"], "category": category})
-    return dataclasses.replace(job, profile=job.profile.replace(**train_params)) if train_params else job
+    changes = {**train_params, **({} if seed is None else {"seed": seed})}
+    return dataclasses.replace(job, profile=job.profile.replace(**changes)) if changes else job
 
 
 class TrainingFolder:
@@ -123,12 +125,14 @@ def train_category(config: dict, settings: dict) -> None:
     """
     category = config["category"]
     train_params = {k: config[k] for k in TRAINABLE if k in config}
-    model = model_id(train_params)
-    with TrainingFolder(settings["storage"], category, model) as folder:
-        train_in_folder(folder, category, train_params, settings)
+    seed = config.get("seed")  # set only with several seeds per category (`RunPlan.training_seeds`)
+    with TrainingFolder(settings["storage"], category, seeded_model(model_id(train_params), seed)) as folder:
+        train_in_folder(folder, category, train_params, settings, seed)
 
 
-def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, settings: dict) -> None:
+def train_in_folder(
+    folder: TrainingFolder, category: str, train_params: dict, settings: dict, seed: int | None = None
+) -> None:
     """The body of `train_category`, once the trial's folder is in place (resumed if it holds a run)."""
     import ray
     import torch
@@ -139,8 +143,8 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
     from tfsearch.metrics import GroundTruth, evaluate, fuse
     from tfsearch.train import Runtime, Trainer
 
-    model = model_id(train_params)
-    job = job_from_settings(settings, category, train_params)
+    model = seeded_model(model_id(train_params), seed)
+    job = job_from_settings(settings, category, train_params, seed)
     train_dir = folder.path
     torch.set_num_threads(max(1, int(settings["cpus"])))
     device_note = check_device(job, settings["allow_cpu"])
@@ -169,6 +173,7 @@ def train_in_folder(folder: TrainingFolder, category: str, train_params: dict, s
             "finished_at": now(),
             "images_per_second": images_per_second,
             "loss": loss,
+            **({} if seed is None else {"seed": seed}),
         }
         log = [r for r in read_milestone_log(train_dir) if r["epoch"] != epoch] + [row]
         atomic_write_json(train_dir / MILESTONE_LOG, sorted(log, key=lambda r: r["epoch"]))

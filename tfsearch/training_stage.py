@@ -1,10 +1,11 @@
-"""The training stage, on the driver: one Ray Tune trial per (category, training configuration).
+"""The training stage, on the driver: one Ray Tune trial per (category, training configuration, seed).
 
-Without training hyperparameters one experiment holds a trial per category. With them, each category gets
-its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops poor ones at
-milestones (epochs are the resource), so categories never compete with each other. Tune restores an
-experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a category
-whose trial fails for good is returned as failed, never passed on as if it had finished.
+Without training hyperparameters one experiment holds a trial per category, or per category and seed with
+`--seeds K` (K trials per category side by side: work for more GPUs than categories). With them, each
+category gets its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops
+poor ones at milestones (epochs are the resource), so categories never compete with each other. Tune
+restores an experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a
+category whose trial fails for good is returned as failed, never passed on as if it had finished.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 from tfsearch.data import largest_first
 from tfsearch.errors import InputError
-from tfsearch.plan import RunPlan, model_id
+from tfsearch.plan import RunPlan, model_id, seeded_model
 from tfsearch.protocol import paper_protocol_note
 from tfsearch.spaces import TRAINABLE
 from tfsearch.studies import open_studies, studies_file, study_name
@@ -92,9 +93,9 @@ def retry_budget(max_failures: int):
 
 
 def trial_name(trial) -> str:
-    """Names shown by the Ray dashboard and Tune: stage, category and training configuration."""
+    """Names shown by the Ray dashboard and Tune: stage, category, training configuration and seed."""
     params = {k: trial.config[k] for k in TRAINABLE if k in trial.config}
-    return f"train-{trial.config['category']}-{model_id(params)}"
+    return f"train-{trial.config['category']}-{seeded_model(model_id(params), trial.config.get('seed'))}"
 
 
 def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dict[str, str]:
@@ -117,7 +118,7 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     trained = selection.trained if selection is not None else (lambda category: None)
     callbacks = [
         view.callback(),
-        *([category_trained(trained)] if plan.space.training is None else []),
+        *([category_trained(trained, plan.seeds)] if plan.space.training is None else []),
         *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
     ]
     failure_config = tune.FailureConfig(max_failures=plan.max_failures)
@@ -125,7 +126,10 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     categories = largest_first(plan.dataset, plan.data_root, plan.categories)
     # each experiment's name, the category it trains alone (None: all of them) and its Tuner arguments
     if plan.space.training is None:
-        grid = {"param_space": {"category": tune.grid_search(categories)}}
+        # with several seeds, each (category, seed) is a trial of its own: more trials than categories; the
+        # grid's first key varies fastest, so a category's seeds start one after another, largest first
+        seeds = {"seed": tune.grid_search(plan.training_seeds)} if plan.seeds > 1 else {}
+        grid = {"param_space": {**seeds, "category": tune.grid_search(categories)}}
         experiments = {"train": (None, lambda: grid)}
     else:
         experiments = {f"train-{c}": (c, lambda c=c: training_search(plan, c)) for c in categories}
@@ -179,13 +183,19 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     return failed
 
 
-def category_trained(trained):
-    """A Tune callback that calls `trained(category)` when a category's one trial completes."""
+def category_trained(trained, seeds: int = 1):
+    """A Tune callback that calls `trained(category)` when the last of a category's `seeds` trials (one per
+    seed) completes."""
     from ray import tune
+
+    completed: dict[str, set[str]] = {}
 
     class CategoryTrained(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            trained(trial.config["category"])
+            category = trial.config["category"]
+            completed.setdefault(category, set()).add(trial.trial_id)
+            if len(completed[category]) == seeds:
+                trained(category)
 
     return CategoryTrained()
 

@@ -6,7 +6,8 @@ From one or more run folders (`tfsearch run` writes them) it builds, per dataset
    class (Tables 3-4; from a `per_class_epochs` run when one is given), in the supplement's shape;
 2. wide tables with every metric, one column per published source and its Δ (extra outputs);
 3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
-4. each run's `importance.csv`, and the last training milestone of every training run;
+4. each run's `importance.csv`, and the last training milestone of every training run; for a run with
+   several seeds per category, its default and selected test metrics as mean ± std over the seeds;
 5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
 6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
 
@@ -53,6 +54,7 @@ from tfsearch.report.tables import (
     importance_tables,
     paper_tables,
     protocol_tables,
+    seed_tables,
     training_table,
     wide_tables,
 )
@@ -79,7 +81,7 @@ def build_report(
     comparison: list[dict] = []
     tables = paper_tables(runs, published, comparison, compare_anyway)
     tables += wide_tables(runs, published, comparison, compare_anyway)
-    tables += protocol_tables(runs) + importance_tables(runs)
+    tables += seed_tables(runs) + protocol_tables(runs) + importance_tables(runs)
     training = training_table(runs)
     tables += [training] if training else []
     kinds, kind_notes = per_kind_tables(runs)

@@ -399,6 +399,40 @@ def protocol_tables(runs: list[RunResults]) -> list[Table]:
     return tables
 
 
+def seed_tables(runs: list[RunResults]) -> list[Table]:
+    """Per run trained with several seeds per category (`--seeds`): each category's default and selected
+    test metrics as mean ± standard deviation over its seeds, from `selected.csv`."""
+    tables = []
+    for run in (r for r in runs if len(r.selected) and "seeds" in r.selected.columns):
+        chosen = run.selected.set_index("category")
+        seeds = sorted({int(k) for k in chosen["seeds"].dropna()})
+        if not seeds or max(seeds) < 2:
+            continue
+        columns: dict[tuple[str, str], list[str]] = {}
+        for prefix in ("default", "selected"):
+            for metric in REPORT_METRICS:
+                means = _points(chosen[f"{prefix}_test_{metric}"])
+                spreads = _points(chosen[f"{prefix}_test_{metric}_std"])
+                columns[(METRIC_LABELS[metric], prefix)] = [
+                    "" if math.isnan(m) else f"{m:.2f} ± {s:.2f}" for m, s in zip(means, spreads, strict=True)
+                ]
+        frame = pd.DataFrame(columns, index=chosen.index)
+        frame.columns = pd.MultiIndex.from_tuples(frame.columns)
+        tables.append(
+            Table(
+                f"seeds_{run.name}",
+                f"Test metrics over {'/'.join(map(str, seeds))} training seeds, mean ± std ({run.name})",
+                frame,
+                notes=[
+                    "Each cell: the mean over the category's training seeds ± their sample standard deviation"
+                    " (ddof 1), in points. The study ranked the candidates by the mean over seeds of the"
+                    " selection metric; the other tables show the means."
+                ],
+            )
+        )
+    return tables
+
+
 # ------------------------------------------------------------------------------------ importance, training
 def importance_tables(runs: list[RunResults]) -> list[Table]:
     """Each run's importance.csv as it is (how much epoch, λ and n matter); nothing for a run without one."""
