@@ -16,6 +16,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # processes each spinning two OpenMP threads on two cores run many times slower than one thread each
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# moto's test credentials, never real ones, for every process of the session: the Ray nodes started here
+# pass them to the workers of any driver, so runs with an S3 storage work in-process and from a CLI driver.
+# moto accepts any credentials; without the metadata lookup disabled the AWS SDK would query an EC2 address
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+os.environ.update(CREDENTIALS)
 
 from tfsearch.demo import write_demo  # noqa: E402
 
@@ -46,7 +56,7 @@ def demo_dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shared_run(tmp_path_factory: pytest.TempPathFactory, demo_dataset_root: Path, ray_instance):
     """One finished tiny per-class run of the demo's disk and stripes, shared by the tests that only read a
     finished run (each Ray run costs about a minute here, mostly worker start-up): the end-to-end checks,
-    relative paths, export and predict, and the runs compared with it (S3 storage, a killed driver).
+    relative paths, export and predict, and the S3 run compared with it (whose driver is killed and resumed).
 
     It is typed as a user would, from `root`: `--data-root mv --runs-root runs --storage store`, all relative.
     stripes starts training only once disk's selection study has chosen, so disk's selection visibly starts
@@ -122,13 +132,6 @@ def inspect_offline_run(folder: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ S3 (moto)
 BUCKET = "tfsearch-test"
-# moto accepts any credentials; without the metadata lookup disabled the AWS SDK would query an EC2 address
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 def s3_uri(endpoint: str, path: str) -> str:
@@ -141,16 +144,13 @@ def s3_endpoint():
     Tests that use it are skipped without moto[server] (the dev extra)."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
     boto3 = pytest.importorskip("boto3")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in CREDENTIALS.items():
-            patch.setenv(key, value)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"{host}:{port}"
-            client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
-            client.create_bucket(Bucket=BUCKET)
-            yield endpoint
-        finally:
-            server.stop()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"{host}:{port}"
+        client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        server.stop()

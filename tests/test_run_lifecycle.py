@@ -63,31 +63,53 @@ def test_a_missing_relative_folder_names_the_flag_and_the_typed_path(tmp_path, m
 
 
 # ----------------------------------------------------------------------------------- failures
-def stripes_fails(attempts: Path, failures: int):
-    """A trainable that fails for the category stripes on its first `failures` attempts."""
+def stripes_fails(attempts: Path):
+    """A trainable whose stripes trials fail twice: the first attempt before it trains anything, the second
+    right after it reported its first milestone; the third trains. Each attempt leaves a line in `attempts`:
+    the third writes down when its first milestone's weights were last written, as it found them."""
 
     def trainable(config, settings):
-        if config["category"] == "stripes":
-            count = len(attempts.read_text()) if attempts.exists() else 0
-            attempts.write_text("x" * (count + 1))
-            if count < failures:
-                raise RuntimeError(f"stripes is broken (attempt {count + 1})")
-        train_category(config, settings)
+        from ray import tune
+
+        if config["category"] != "stripes":
+            return train_category(config, settings)
+        lines = attempts.read_text().splitlines() if attempts.exists() else []
+        first = Path(settings["storage"]) / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001"
+        stamp = str((first / "model.pt").stat().st_mtime_ns) if first.exists() else "none"
+        attempts.write_text("\n".join([*lines, stamp]) + "\n")
+        if len(lines) == 0:
+            raise RuntimeError("stripes is broken (attempt 1)")
+        original = tune.report
+
+        def report_then_fail(metrics, checkpoint=None):
+            original(metrics, checkpoint=checkpoint)
+            if len(lines) == 1:
+                raise RuntimeError("injected failure after the first milestone (attempt 2)")
+
+        tune.report = report_then_fail
+        try:
+            train_category(config, settings)
+        finally:
+            tune.report = original
 
     return trainable
 
 
 def test_a_failed_category_fails_the_run_and_resume_retries_only_it(
-    tmp_path, demo_dataset_root, ray_instance
+    tmp_path, demo_dataset_root, monkeypatch, ray_instance
 ):
+    """On a shared file system (its studies in a journal): stripes fails for good, the run says so; resumed,
+    it fails once more after its first milestone and is retried from that checkpoint; disk is never
+    trained again."""
+    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "lustre")
     attempts = tmp_path / "attempts"
-    trainable = stripes_fails(attempts, failures=2)
+    trainable = stripes_fails(attempts)
     space = write_space(tmp_path)
     argv = run_args(space, tmp_path / "runs", demo_dataset_root, "f", "--categories", "disk,stripes")
     plan = plan_from(*argv, "--max-failures", "0")
     with pytest.raises(InputError, match=r"1 category .*\n  stripes: .*stripes is broken \(attempt 1\)"):
         execute(plan, trainable=trainable)
-    assert attempts.read_text() == "x"  # --max-failures 0: no retry
+    assert attempts.read_text().splitlines() == ["none"]  # --max-failures 0: no retry
     rows = {r["category"]: r for r in read_rows(plan.run_dir / "selected.csv")}
     assert rows["stripes"]["status"] == "failed" and "stripes is broken" in rows["stripes"]["error"]
     assert rows["stripes"]["selected_epoch"] == "" and rows["stripes"]["default_epoch"] == ""
@@ -99,15 +121,32 @@ def test_a_failed_category_fails_the_run_and_resume_retries_only_it(
     disk_checkpoint = plan.train_dir("disk", "default") / "checkpoints" / "epoch-0002" / "model.pt"
     stamp = disk_checkpoint.stat().st_mtime_ns
 
-    # resumed with retries (the first command's 0 would stop it): stripes fails once more and then trains;
-    # disk is not trained again
+    # resumed with retries (the first command's 0 would stop it): stripes fails once more after its first
+    # milestone, and the retry continues from that milestone; disk is not trained again
     resumed = plan_from(*argv, "--max-failures", "5", "--resume")
     selected = execute(resumed, resume=True, trainable=trainable)
-    assert attempts.read_text() == "xxx"
+    first, second, third = attempts.read_text().splitlines()
+    stripes_first = plan.train_dir("stripes", "default") / "checkpoints" / "epoch-0001" / "model.pt"
+    assert second == "none" and third == str(stripes_first.stat().st_mtime_ns)  # not trained again
     assert {r["category"]: r["status"] for r in selected} == {"disk": "ok", "stripes": "ok"}
     assert disk_checkpoint.stat().st_mtime_ns == stamp
-    history = read_rows(plan.train_dir("disk", "default") / "history.csv")
-    assert [int(r["epoch"]) for r in history] == [1, 2]
+    for category in ("disk", "stripes"):
+        history = read_rows(plan.train_dir(category, "default") / "history.csv")
+        assert [int(r["epoch"]) for r in history] == [1, 2]
+    train_rows = [r for r in read_rows(plan.run_dir / "trials.csv") if r["stage"] == "train"]
+    assert sorted((r["category"], r["epoch"]) for r in train_rows) == [
+        (c, e) for c in ("disk", "stripes") for e in ("1", "2")
+    ]
+
+    # the studies of both categories are in the journal, each with its whole budget
+    assert not (plan.run_dir / STUDIES_DB).exists()
+    storage = open_studies(plan.run_dir / STUDIES_JOURNAL)
+    for row in selected:
+        study = optuna.load_study(study_name=f"tiny/demo/{row['category']}", storage=storage)
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        assert len(complete) == TINY["selection"]["trials"]
+        best = study.best_value
+        assert row["selected_selection_value"] == best or row["selected_epoch"] == row["default_epoch"]
 
 
 # ------------------------------------------------------------------------------------ studies
@@ -184,22 +223,6 @@ def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):
     # a run keeps the form its studies were created in
     (tmp_path / STUDIES_DB).write_bytes(b"")
     assert studies_file(tmp_path) == tmp_path / STUDIES_DB
-
-
-def test_a_run_on_a_shared_file_system_keeps_its_studies_in_a_journal(
-    tmp_path, demo_dataset_root, monkeypatch, ray_instance
-):
-    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "lustre")
-    space = write_space(tmp_path)
-    plan = plan_from(*run_args(space, tmp_path / "runs", demo_dataset_root, "j", "--categories", "stripes"))
-    (row,) = execute(plan)
-    assert not (plan.run_dir / STUDIES_DB).exists()
-    storage = open_studies(plan.run_dir / STUDIES_JOURNAL)
-    study = optuna.load_study(study_name="tiny/demo/stripes", storage=storage)
-    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == TINY["selection"]["trials"]
-    assert (
-        row["selected_selection_value"] == study.best_value or row["selected_epoch"] == row["default_epoch"]
-    )
 
 
 # ------------------------------------------------------------------------------------- layout

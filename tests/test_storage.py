@@ -1,9 +1,10 @@
 """Run storage (tfsearch.storage): folders and object-store URIs, checked before any training, and a whole
-`tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), compared with a
-run whose storage is a folder."""
+`tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), its driver killed
+and the run resumed, compared with a run whose storage is a folder."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BUCKET, CREDENTIALS, s3_uri
+from conftest import BUCKET, s3_uri
 from test_search import comparable, read_rows, run_args, write_space
 
 from tfsearch.cli import main
 from tfsearch.errors import InputError
 from tfsearch.map_cache import MapSet, read_map_set, write_map_set
+from tfsearch.run_folder import MILESTONE_LOG
 from tfsearch.storage import Location, local_run_dir
 
 pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
@@ -43,9 +45,7 @@ def test_a_folder_is_absolute_and_used_in_place(tmp_path, monkeypatch):
         Location.parse("a-file/runs").check()
 
 
-def test_a_uri_child_keeps_its_endpoint(monkeypatch):
-    for key, value in CREDENTIALS.items():
-        monkeypatch.setenv(key, value)
+def test_a_uri_child_keeps_its_endpoint():
     location = Location.parse(s3_uri("127.0.0.1:9", "bucket/runs"))
     run = location.child("per_class-demo", "train")
     assert not run.is_local
@@ -107,33 +107,49 @@ def test_folders_round_trip_with_meta_json_last(tmp_path, s3_endpoint):
 
 
 # --------------------------------------------------------------------------------------------- a run
-def test_s3_run_matches_a_folder_run(tmp_path, s3_endpoint, shared_run, monkeypatch):
-    """The shared run's stripes again, with an object store as storage: the same rows."""
+def test_s3_run_killed_then_resumed_matches_the_folder_run(tmp_path, s3_endpoint, shared_run, monkeypatch):
+    """The shared run's stripes again, with an object store as storage, its driver killed once the first
+    milestone was logged and the run resumed: no milestone is trained twice, and the rows are the ones of
+    the shared run, which nothing interrupted."""
+    import ray
+
     space = write_space(tmp_path)
     root = tmp_path / "runs"
     storage = s3_uri(s3_endpoint, f"{BUCKET}/runs")
+    address = ray.get_runtime_context().gcs_address
     args = [
         *run_args(space, root, shared_run.plan.data_root, "s3", "--categories", "stripes"),
-        "--storage",
-        storage,
+        *("--storage", storage, "--address", address),
     ]
-    # the CLI in its own process: its local Ray instance hands the credentials to its workers
-    env = {**os.environ, **CREDENTIALS}
-    subprocess.run([sys.executable, "-m", "tfsearch.cli", *args], env=env, check=True, timeout=600)
+    store = Location.parse(storage).child("s3")
+    first = store.child("train", "stripes", "default", "checkpoints", "epoch-0001", "model.pt")
+
+    def logged() -> list[dict]:
+        return json.loads(store.read_text(f"train/stripes/default/{MILESTONE_LOG}") or "[]")
+
+    driver = subprocess.Popen([sys.executable, "-m", "tfsearch.cli", *args], env=os.environ.copy())
+    deadline = time.time() + 240
+    while not logged() and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    assert logged(), "the driver never logged its first milestone"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not (root / "s3" / "selected.csv").exists()
+    stamp = first.filesystem.get_file_info(first.path).mtime
+
+    assert main([*args, "--resume"]) == 0
+    assert first.filesystem.get_file_info(first.path).mtime == stamp  # the logged milestone was not retrained
 
     def stripes(rows: list[dict]) -> list[dict]:
         return [r for r in rows if r["category"] == "stripes"]
 
     s3_run, folder_run = root / "s3", shared_run.run_dir
     assert read_rows(s3_run / "selected.csv") == stripes(read_rows(folder_run / "selected.csv"))
-    assert comparable(read_rows(s3_run / "trials.csv")) == stripes(
-        comparable(read_rows(folder_run / "trials.csv"))
-    )
+    s3_rows = comparable(read_rows(s3_run / "trials.csv"))
+    assert s3_rows == stripes(comparable(read_rows(folder_run / "trials.csv")))
+    assert len([r for r in s3_rows if r["stage"] == "train"]) == 2
 
     # the object store holds the training run, Tune's experiment and the tables; the run folder only a cache
-    for key, value in CREDENTIALS.items():
-        monkeypatch.setenv(key, value)
-    store = Location.parse(storage).child("s3")
     training = store.files("train/stripes/default")
     for epoch in ("0001", "0002"):
         assert f"checkpoints/epoch-{epoch}/model.pt" in training
