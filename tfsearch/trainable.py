@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from tfsearch.atomic import atomic_write_json
+from tfsearch.map_cache import META_FILE, read_map_set
 from tfsearch.plan import model_id, seeded_model
 from tfsearch.run_folder import MILESTONE_LOG, now, read_milestone_log
 from tfsearch.spaces import TRAINABLE
 from tfsearch.storage import Location
-from tfsearch.train import TrainDir, TrainJob
+from tfsearch.train import CHECKPOINT_FILE, MODEL_FILE, Runtime, TrainDir, Trainer, TrainJob
 
 # where training trials keep their scratch copy with an object-store --storage (default: the system temp)
 SCRATCH_ENV = "TFSEARCH_SCRATCH"
@@ -78,8 +79,6 @@ class TrainingFolder:
     def pull(self) -> None:
         """Fetch the job, history and milestone log, the latest whole training state, and the weights and
         maps of every milestone the log does not list yet (a killed attempt saved them but did not log)."""
-        from tfsearch.train import CHECKPOINT_FILE, MODEL_FILE
-
         folder = TrainDir(self.path)
         for path in (folder.job_file, folder.history_file, self.path / MILESTONE_LOG):
             self.remote.download(self.relative(path), path)
@@ -94,7 +93,11 @@ class TrainingFolder:
         for epoch in sorted(wanted):
             self.remote.download(self.relative(folder.checkpoint(epoch)), folder.checkpoint(epoch))
             for split in self.remote.folders("maps"):
-                self.remote.download(self.relative(folder.maps(epoch, split)), folder.maps(epoch, split))
+                maps = self.relative(folder.maps(epoch, split))
+                # its commit file goes up last: without it the upload was cut off, and the trainer recomputes
+                # the maps from the weights
+                if META_FILE in self.remote.files(maps):
+                    self.remote.download(maps, folder.maps(epoch, split))
 
     def publish(self, epoch: int) -> None:
         """Upload milestone `epoch` once, its parts in parallel: maps, weights and training state, job and
@@ -102,8 +105,6 @@ class TrainingFolder:
         lists it; then the training state of earlier milestones goes from the store, as it did here."""
         if self.remote is None:
             return
-        from tfsearch.train import CHECKPOINT_FILE
-
         folder = TrainDir(self.path)
         parts = [folder.maps(epoch, split) for split in ("test", "val")]
         parts += [folder.checkpoint(epoch), folder.job_file, folder.history_file]
@@ -139,9 +140,7 @@ def train_in_folder(
     from ray import tune
 
     from tfsearch import telemetry
-    from tfsearch.map_cache import read_map_set
     from tfsearch.metrics import GroundTruth, evaluate, fuse
-    from tfsearch.train import Runtime, Trainer
 
     model = seeded_model(model_id(train_params), seed)
     job = job_from_settings(settings, category, train_params, seed)
