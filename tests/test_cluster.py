@@ -25,6 +25,8 @@ import yaml
 from conftest import CREDENTIALS
 from test_search import TINY, read_rows, write_space
 
+from tfsearch.fake_cluster import FakeAutoscalingCluster
+
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 
@@ -636,3 +638,60 @@ def test_multi_node_run_survives_a_lost_worker(tmp_path, demo_dataset_root, name
     assert len(nodes) >= 2 and nodes <= {node_id for _, node_id in raylets.values()}
     lost_trial = {int(r["epoch"]): r["node_id"] for r in train_rows if r["category"] == lost_category}
     assert lost_trial[1] == raylets[lost_node][1] and lost_trial[4] != raylets[lost_node][1]
+
+
+# ------------------------------------------------------------------------------ autoscaling cluster
+@pytest.fixture
+def autoscaling_cluster():
+    """A head without CPUs or GPUs for work and up to 3 worker nodes of {CPU: 2, GPU: 1} started on demand
+    by Ray's fake node provider; only its own processes are stopped after."""
+    # short: Ray's socket paths under the temp dir must stay within the 107 characters of a Unix socket
+    root = Path(tempfile.mkdtemp(prefix="tfa-", dir="/tmp"))
+    cluster = FakeAutoscalingCluster(root, {"CPU": 2, "GPU": 1}, max_workers=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_autoscaling_cluster_starts_gpu_workers_for_every_trial(
+    tmp_path, demo_dataset_root, autoscaling_cluster
+):
+    cluster = autoscaling_cluster
+    (head,) = cluster.raylets()  # no worker node before there is work
+    # the tiny network under the paper profile's name: a GPU profile, each trial asks for one GPU by default
+    space = write_space(tmp_path, profile="paper")
+    categories = ["disk", "nut", "stripes"]
+    args = [
+        "run", "--space", str(space), "--dataset", "demo", "--data-root", str(demo_dataset_root),
+        "--categories", ",".join(categories), "--runs-root", str(tmp_path / "runs"), "--name", "autoscaled",
+        "--wandb", "disabled", "--address", cluster.address, "--allow-cpu",
+    ]  # fmt: skip
+    env = {**cluster.client_env(), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.run(
+            [sys.executable, "-m", "tfsearch.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, output[-5000:]
+
+    run = tmp_path / "runs" / "autoscaled"
+    train_rows = [r for r in read_rows(run / "trials.csv") if r["stage"] == "train"]
+    assert sorted((r["category"], r["epoch"]) for r in train_rows) == [
+        (c, e) for c in categories for e in "12"
+    ]
+    # each trial held a GPU of its own: three worker nodes, started for them, and never the head
+    workers = {node for node, is_head in cluster.raylets().items() if not is_head}
+    placed = {r["category"]: r["node_id"] for r in train_rows}
+    assert len(set(placed.values())) == 3 and set(placed.values()) <= workers and head not in placed.values()
+    # the trials said that they trained on the CPU of a node whose GPU torch cannot see
+    assert "on the CPU: GPU held without CUDA" in output
+    selected = read_rows(run / "selected.csv")
+    assert sorted(r["category"] for r in selected) == categories
+    assert all(r["status"] == "ok" for r in selected), selected
