@@ -5,6 +5,7 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -17,6 +18,7 @@ from tfsearch.search import execute
 from tfsearch.selection_stage import Selection
 from tfsearch.spaces import builtin_spaces, load_space
 from tfsearch.train import TrainDir
+from tfsearch.trainable import train_category
 from tfsearch.training_stage import run_training
 
 TINY = {
@@ -201,29 +203,114 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in volatile} for r in rows]
 
 
-def test_training_hyperparameters_are_searched_with_asha(tmp_path, demo_dataset_root, ray_instance):
+def test_training_hyperparameters_are_searched_with_asha(
+    tmp_path, demo_dataset_root, ray_instance, monkeypatch
+):
     training = {
         "samples": 2,
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "params": {"lr": {"low": 3.0e-4, "high": 3.0e-3, "log": True}, "base_channels": {"choices": [4, 8]}},
     }
-    write_space(tmp_path, training=training)
+    space = write_space(tmp_path, training=training)
     from tfsearch.cli import build_parser
 
-    args = build_parser().parse_args(
-        run_args(
-            tmp_path / "tiny.yaml", tmp_path / "runs", demo_dataset_root, "asha", "--categories", "stripes"
+    argv = run_args(space, tmp_path / "runs", demo_dataset_root, "asha", "--categories", "disk,stripes")
+    plan = make_plan(build_parser().parse_args(argv))
+    told, start_selection = [], Selection.trained
+
+    def trained(selection: Selection, category: str) -> None:
+        told.append(category)  # the category's training search ended: its selection starts now
+        start_selection(selection, category)
+
+    monkeypatch.setattr(Selection, "trained", trained)
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def side_by_side(config: dict, settings: dict) -> None:
+        """A trial trains once a trial of the other category started too: never, if the categories' training
+        searches ran one after another (tiny trials end before another trial's worker has started)."""
+        (started / config["category"]).touch()
+        deadline = time.monotonic() + 120
+        while len(list(started.iterdir())) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no trial of the other category started meanwhile")
+            time.sleep(0.2)
+        train_category(config, settings)
+
+    rows = execute(plan, trainable=side_by_side)
+    assert sorted(told) == ["disk", "stripes"] == [row["category"] for row in rows]
+    for row in rows:
+        category = row["category"]
+        models = sorted(p.name for p in (plan.storage / "train" / category).iterdir())
+        assert len(models) == 2 and all(m.startswith("base_channels=") and "-lr=" in m for m in models)
+        # ASHA lets at least one trial reach the last milestone; selection picks among the trained models
+        finished = [m for m in models if TrainDir(plan.train_dir(category, m)).map_epochs() == [1, 2]]
+        assert finished and row["default_model"] in finished and row["selected_model"] in models
+        assert row["selected_selection_value"] >= row["default_selection_value"]
+        study = optuna.load_study(
+            study_name=f"tiny/demo/{category}/training", storage=f"sqlite:///{plan.run_dir}/studies.db"
         )
+        assert len(study.trials) == 2
+    # one experiment: the categories' trials ran side by side (a trial's span: its start to its last
+    # milestone, in whole seconds)
+    spans = {}
+    for r in read_rows(plan.run_dir / "trials.csv"):
+        if r["stage"] == "train":
+            span = spans.setdefault((r["category"], r["model"]), [datetime.fromisoformat(r["started_at"])])
+            span.append(datetime.fromisoformat(r["finished_at"]))
+    assert any(
+        min(a) <= max(b) and min(b) <= max(a)
+        for (ca, _), a in spans.items()
+        for (cb, _), b in spans.items()
+        if ca == "disk" and cb == "stripes"
     )
-    plan = make_plan(args)
-    (row,) = execute(plan)
-    models = sorted(p.name for p in (plan.storage / "train" / "stripes").iterdir())
-    assert len(models) == 2 and all(m.startswith("base_channels=") and "-lr=" in m for m in models)
-    # ASHA lets at least one trial reach the last milestone; selection picks among the trained models
-    finished = [m for m in models if TrainDir(plan.train_dir("stripes", m)).map_epochs() == [1, 2]]
-    assert finished and row["default_model"] in finished and row["selected_model"] in models
-    assert row["selected_selection_value"] >= row["default_selection_value"]
-    study = optuna.load_study(
-        study_name="tiny/demo/stripes/training", storage=f"sqlite:///{plan.run_dir}/studies.db"
-    )
-    assert len(study.trials) == 2
+
+
+def test_each_category_has_its_own_searcher_and_asha_rungs(tmp_path):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tfsearch.category_search import CategoryScheduler, CategorySearch
+    from tfsearch.studies import open_studies
+
+    storage = open_studies(tmp_path / "studies.db")
+
+    def search() -> CategorySearch:
+        searchers = {
+            c: OptunaSearch(metric="v", mode="max", study_name=c, storage=storage, seed=0)
+            for c in ("disk", "stripes")
+        }
+        return CategorySearch(searchers, 2, metric="v", mode="max")
+
+    first = search()
+    assert first.set_search_properties(None, None, {"lr": tune.uniform(0.1, 0.2)})
+    assert [first.suggest(t)["category"] for t in "abc"] == ["disk", "stripes", "disk"]
+    first.on_trial_complete("a", {"v": 0.5})
+    first.save(str(tmp_path / "searcher.pkl"))
+    # as Tune restores an experiment: the searcher it pickled at the start, then the state it saved last
+    restored = search()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("d")["category"] == "stripes" and restored.suggest("e") == Searcher.FINISHED
+    restored.on_trial_complete("b", {"v": 0.4})
+    restored.on_trial_complete("c", error=True)
+    states = {
+        c: [t.state.name for t in optuna.load_study(study_name=c, storage=storage).trials]
+        for c in ("disk", "stripes")
+    }
+    assert states == {"disk": ["COMPLETE", "FAIL"], "stripes": ["COMPLETE", "RUNNING"]}
+
+    def asha() -> ASHAScheduler:
+        return ASHAScheduler(
+            time_attr="epoch", metric="v", mode="max", max_t=2, grace_period=1, reduction_factor=2
+        )
+
+    scheduler = CategoryScheduler({"disk": asha(), "stripes": asha()})
+    decisions = []
+    for trial_id, (category, value) in enumerate([("disk", 0.9), ("stripes", 0.1), ("stripes", 0.05)]):
+        trial = SimpleNamespace(trial_id=str(trial_id), config={"category": category})
+        scheduler.on_trial_add(None, trial)
+        decisions.append(scheduler.on_trial_result(None, trial, {"epoch": 1, "v": value}))
+    # stripes' first trial is compared with stripes' trials only: disk's better one does not stop it
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]

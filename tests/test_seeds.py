@@ -75,7 +75,7 @@ def test_seeded_folder_names_read_back():
 
 def test_a_category_is_trained_once_all_its_seeds_completed():
     told = []
-    callback = category_trained(told.append, seeds=2)
+    callback = category_trained(told.append, per_category=2)
     trial = lambda category, trial_id: SimpleNamespace(config={"category": category}, trial_id=trial_id)  # noqa: E731
     callback.on_trial_complete(0, [], trial("disk", "a"))
     callback.on_trial_complete(0, [], trial("stripes", "b"))

@@ -6,7 +6,8 @@ How a run flows, module by module (imports point down this list only):
     tfsearch.run_folder       the run folder's files and columns, the milestone log, the CSV writer
     tfsearch.plan             RunPlan: paths resolved on the driver, resources, start or --resume checks
     tfsearch.trainable        the worker side: one category trained to its last milestone (a Tune trial)
-    tfsearch.training_stage   the driver side of training: Tune experiments, restore, failed categories
+    tfsearch.training_stage   the driver side of training: the Tune experiment, restore, failed categories
+    tfsearch.category_search  training searches side by side: per category an Optuna study and ASHA rungs
     tfsearch.studies          where the Optuna studies live (SQLite, or a journal on shared storage)
     tfsearch.selection_stage  per category (or dataset) an Optuna study on the cached maps, as Ray tasks
     tfsearch.tables           trials.csv and selected.csv rebuilt from durable state; publishing

@@ -1,11 +1,13 @@
 """The training stage, on the driver: one Ray Tune trial per (category, training configuration, seed).
 
-Without training hyperparameters one experiment holds a trial per category, or per category and seed with
-`--seeds K` (K trials per category side by side: work for more GPUs than categories). With them, each
-category gets its own experiment, whose Optuna searcher proposes configurations and whose ASHA scheduler stops
-poor ones at milestones (epochs are the resource), so categories never compete with each other. Tune
-restores an experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and a
-category whose trial fails for good is returned as failed, never passed on as if it had finished.
+One experiment, `train`, holds the trials of every category, the largest categories' started first. Without
+training hyperparameters it is a trial per category, or per category and seed with `--seeds K` (K trials per
+category side by side: work for more GPUs than categories). With them, each category's `samples`
+configurations are proposed by its own Optuna searcher and stopped early at milestones by its own ASHA
+scheduler (epochs are the resource; `tfsearch.category_search`), so categories train side by side but never
+compete with each other. A category's selection is told to start once all its trials completed. Tune
+restores the experiment only when the run is resumed (`tfsearch.plan.start_run` refuses anything else), and
+a category whose trial fails for good is returned as failed, never passed on as if it had finished.
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ def trial_name(trial) -> str:
 
 
 def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dict[str, str]:
-    """One Tune trial per (category, training configuration); an experiment that exists is restored (the
-    plan reached here only with `--resume`), with this command's retries, W&B mode and progress output.
+    """One Tune experiment, a trial per (category, training configuration, seed); an experiment that exists
+    is restored (the plan reached here only with `--resume`), with this command's retries, W&B mode and
+    progress output.
     `selection` (a `tfsearch.selection_stage.Selection`) is told of each category whose training ended, so
     its study starts while other categories still train.
 
@@ -116,76 +119,63 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     view = ProgressView(plan, plan.quiet)
     view.warn_departures()
     trained = selection.trained if selection is not None else (lambda category: None)
+    search = plan.space.training
     callbacks = [
         view.callback(),
-        *([category_trained(trained, plan.seeds)] if plan.space.training is None else []),
+        category_trained(trained, plan.seeds if search is None else search.samples),
         *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
     ]
     failure_config = tune.FailureConfig(max_failures=plan.max_failures)
-    # Tune starts trials in the order of the grid: the largest categories first
-    categories = largest_first(plan.dataset, plan.data_root, plan.categories)
-    # each experiment's name, the category it trains alone (None: all of them) and its Tuner arguments
-    if plan.space.training is None:
-        # with several seeds, each (category, seed) is a trial of its own: more trials than categories; the
-        # grid's first key varies fastest, so a category's seeds start one after another, largest first
-        seeds = {"seed": tune.grid_search(plan.training_seeds)} if plan.seeds > 1 else {}
-        grid = {"param_space": {**seeds, "category": tune.grid_search(categories)}}
-        experiments = {"train": (None, lambda: grid)}
-    else:
-        experiments = {f"train-{c}": (c, lambda c=c: training_search(plan, c)) for c in categories}
     tune_root = plan.location.child("tune")
     filesystem = tune_root.filesystem
+    path = tune_root.child("train").path
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(
+            path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
+        # Ray restores the RunConfig it pickled at the start, and each trial keeps the retry budget it was
+        # created with; neither has a public setter: set what may differ on --resume
+        internal = tuner._local_tuner  # None through Ray Client (ray://), whose tuner runs remotely
+        if internal is None:
+            raise InputError(
+                "--resume through Ray Client (ray://) cannot apply this command's --max-failures, --wandb"
+                " and --quiet: resume with the cluster's GCS address (HOST:6379) or from the head node"
+            )
+        run_config = internal.get_run_config()
+        run_config.failure_config = failure_config
+        run_config.callbacks = [*callbacks, retry_budget(plan.max_failures)]
+    else:
+        # Tune starts trials in the order they are made: the largest categories first
+        categories = largest_first(plan.dataset, plan.data_root, plan.categories)
+        experiment = training_grid(plan, categories) if search is None else training_search(plan, categories)
+        tune_config = tune.TuneConfig(
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name, **experiment.get("tune", {})
+        )
+        run_config = tune.RunConfig(
+            name="train",
+            storage_path=tune_root.path,
+            storage_filesystem=filesystem,
+            failure_config=failure_config,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        tuner = tune.Tuner(
+            runnable, param_space=experiment["param_space"], tune_config=tune_config, run_config=run_config
+        )
     failed: dict[str, str] = {}
-    for name, (alone, make) in experiments.items():
-        path = tune_root.child(name).path
-        if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-            tuner = tune.Tuner.restore(
-                path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
-            )
-            # Ray restores the RunConfig it pickled at the start, and each trial keeps the retry budget it
-            # was created with; neither has a public setter: set what may differ on --resume
-            internal = tuner._local_tuner  # None through Ray Client (ray://), whose tuner runs remotely
-            if internal is None:
-                raise InputError(
-                    "--resume through Ray Client (ray://) cannot apply this command's --max-failures, --wandb"
-                    " and --quiet: resume with the cluster's GCS address (HOST:6379) or from the head node"
-                )
-            run_config = internal.get_run_config()
-            run_config.failure_config = failure_config
-            run_config.callbacks = [*callbacks, retry_budget(plan.max_failures)]
-        else:
-            experiment = make()
-            tune_config = tune.TuneConfig(
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name, **experiment.get("tune", {})
-            )
-            run_config = tune.RunConfig(
-                name=name,
-                storage_path=tune_root.path,
-                storage_filesystem=filesystem,
-                failure_config=failure_config,
-                callbacks=callbacks,
-                verbose=0,
-            )
-            tuner = tune.Tuner(
-                runnable,
-                param_space=experiment["param_space"],
-                tune_config=tune_config,
-                run_config=run_config,
-            )
-        for result in tuner.fit():
-            if result.error is not None:
-                category = result.config["category"]
-                failed.setdefault(category, first_line(result.error))
-                if not plan.quiet:
-                    print(f"[train] {category}: training failed for good: {failed[category]}", flush=True)
-        if alone is not None and alone not in failed:
-            trained(alone)  # a category's training search is its own experiment
+    for result in tuner.fit():
+        if result.error is not None:
+            category = result.config["category"]
+            failed.setdefault(category, first_line(result.error))
+            if not plan.quiet:
+                print(f"[train] {category}: training failed for good: {failed[category]}", flush=True)
     return failed
 
 
-def category_trained(trained, seeds: int = 1):
-    """A Tune callback that calls `trained(category)` when the last of a category's `seeds` trials (one per
-    seed) completes."""
+def category_trained(trained, per_category: int):
+    """A Tune callback that calls `trained(category)` when the last of a category's `per_category` trials
+    (one per seed, or its training search's samples, whether ASHA stopped them or not) completes; a category
+    with a trial that failed for good is never told."""
     from ray import tune
 
     completed: dict[str, set[str]] = {}
@@ -194,7 +184,7 @@ def category_trained(trained, seeds: int = 1):
         def on_trial_complete(self, iteration, trials, trial, **info):
             category = trial.config["category"]
             completed.setdefault(category, set()).add(trial.trial_id)
-            if len(completed[category]) == seeds:
+            if len(completed[category]) == per_category:
                 trained(category)
 
     return CategoryTrained()
@@ -219,29 +209,54 @@ def tune_domain(param):
     return param
 
 
-def training_search(plan: RunPlan, category: str) -> dict:
-    """Tuner arguments of one category's training-hyperparameter search (Optuna proposes, ASHA stops)."""
+def training_grid(plan: RunPlan, categories: list[str]) -> dict:
+    """Tuner arguments of a run without training hyperparameters: a trial per category (and seed)."""
+    from ray import tune
+
+    # with several seeds, each (category, seed) is a trial of its own: more trials than categories; the grid's
+    # first key varies fastest, so a category's seeds start one after another, largest first
+    seeds = {"seed": tune.grid_search(plan.training_seeds)} if plan.seeds > 1 else {}
+    return {"param_space": {**seeds, "category": tune.grid_search(categories)}}
+
+
+def training_search(plan: RunPlan, categories: list[str]) -> dict:
+    """Tuner arguments of every category's training-hyperparameter search in one experiment: per category
+    its own Optuna study proposes and its own ASHA scheduler stops, the categories asked in turn."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from tfsearch.category_search import CategoryScheduler, CategorySearch
+
     search = plan.space.training
-    searcher = OptunaSearch(
-        metric="selection_value",
-        mode="max",
-        study_name=f"{study_name(plan.space.name, plan.dataset, category)}/training",
-        storage=open_studies(studies_file(plan.run_dir)),
-        seed=plan.space.seed,
-    )
+    storage = open_studies(studies_file(plan.run_dir))
+    searchers = {
+        c: OptunaSearch(
+            metric="selection_value",
+            mode="max",
+            study_name=f"{study_name(plan.space.name, plan.dataset, c)}/training",
+            storage=storage,
+            seed=plan.space.seed,
+        )
+        for c in categories
+    }
     grace = plan.milestones[min(search.grace_period, len(plan.milestones)) - 1]
-    scheduler = ASHAScheduler(
-        time_attr="epoch",
-        metric="selection_value",
-        mode="max",
-        max_t=plan.milestones[-1],
-        grace_period=grace,
-        reduction_factor=search.reduction_factor,
-    )
+    schedulers = {
+        c: ASHAScheduler(
+            time_attr="epoch",
+            metric="selection_value",
+            mode="max",
+            max_t=plan.milestones[-1],
+            grace_period=grace,
+            reduction_factor=search.reduction_factor,
+        )
+        for c in categories
+    }
     return {
-        "param_space": {"category": category, **{k: tune_domain(v) for k, v in search.params.items()}},
-        "tune": {"search_alg": searcher, "scheduler": scheduler, "num_samples": search.samples},
+        # each category's searcher proposes these; the category comes from the searcher that was asked
+        "param_space": {k: tune_domain(v) for k, v in search.params.items()},
+        "tune": {
+            "search_alg": CategorySearch(searchers, search.samples, metric="selection_value", mode="max"),
+            "scheduler": CategoryScheduler(schedulers),
+            "num_samples": search.samples * len(categories),
+        },
     }
