@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ CREDENTIALS = {
 os.environ.update(CREDENTIALS)
 
 from tfsearch.demo import write_demo  # noqa: E402
+from tfsearch.fake_cluster import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -99,12 +99,6 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, demo_dataset_root: Path
     return SimpleNamespace(
         root=root, argv=argv, plan=plan, run_dir=plan.run_dir, train=plan.storage / "train", selected=selected
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

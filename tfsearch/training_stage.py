@@ -258,5 +258,8 @@ def training_search(plan: RunPlan, categories: list[str]) -> dict:
             "search_alg": CategorySearch(searchers, search.samples, metric="selection_value", mode="max"),
             "scheduler": CategoryScheduler(schedulers),
             "num_samples": search.samples * len(categories),
+            # no cap, but it lets every trial wait for resources at once (Tune lets a custom searcher's
+            # experiment have one waiting trial): an autoscaler sees the whole demand and starts nodes for it
+            "max_concurrent_trials": search.samples * len(categories),
         },
     }
