@@ -118,19 +118,22 @@ class FakeAutoscalingCluster:
             "--runtime-env-agent-port": free_port(),
             "--ray-client-server-port": free_port(),
         }
-        ray = str(Path(sys.executable).with_name("ray"))
         command = [
-            ray, "start", "--head", "--num-cpus=0", "--num-gpus=0",
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus=0", "--num-gpus=0",
             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.root / 'ray'}",
             f"--autoscaling-config={config}", *(f"{flag}={port}" for flag, port in ports.items()),
         ]  # fmt: skip
-        with self.log.open("a") as log:
-            started = subprocess.run(
-                command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-            )
-        if started.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{self.log.read_text()}")
+        try:
+            with self.log.open("a") as log:
+                started = subprocess.run(
+                    command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                )
+            if started.returncode != 0:
+                output = self.log.read_text()
+                raise RuntimeError(f"`ray start --head` failed ({started.returncode}):\n{output}")
+        except BaseException:
+            self.stop()  # whatever of the head had started
+            raise
 
     def raylets(self) -> dict[str, bool]:
         """The node id of each running node of this cluster, and whether it is the head."""
@@ -152,7 +155,7 @@ class FakeAutoscalingCluster:
                     found.append(int(cmdline.parent.name))
         return [pid for pid in found if pid != os.getpid()]
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 5) -> None:
         """SIGTERM to this cluster's processes, then SIGKILL to whatever is left after `timeout` s."""
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             for pid in self.processes():
