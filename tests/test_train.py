@@ -51,6 +51,16 @@ def test_a_short_run_lowers_the_loss(demo_dataset_root, tmp_path):
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
 
 
+def test_a_diverged_training_stops_at_once_naming_the_learning_rate(demo_dataset_root, tmp_path):
+    # a learning rate of 1000 turns the loss to NaN in the first epoch: the trainer stops there, instead of
+    # training on and failing only when the milestone's maps are written
+    profile = tiny_profile(lr=1e3)
+    job = TrainJob(dataset="demo", category="stripes", profile=profile, data_root=demo_dataset_root)
+    with pytest.raises(InputError, match=r"stripes: training diverged \(loss nan\) at epoch 1, .*lr 1000"):
+        train(job, tmp_path / "run", QUIET)
+    assert TrainDir(tmp_path / "run").weight_epochs() == []
+
+
 def test_milestones_write_checkpoints_and_maps(demo_dataset_root, tmp_path):
     trainer = train(tiny_job(demo_dataset_root), tmp_path / "run", QUIET)
     run = TrainDir(tmp_path / "run")

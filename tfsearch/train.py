@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import platform
 import sys
 import time
@@ -533,6 +534,15 @@ class Trainer:
         )
         while self.epoch < last:
             row = self.train_epoch()
+            if not math.isfinite(row["loss_total"]):
+                kept = self.dir.checkpoint_epochs()
+                profile = self.profile
+                raise InputError(
+                    f"{self.job.dataset}/{self.job.category}: training diverged (loss {row['loss_total']})"
+                    f" at epoch {self.epoch}, profile {profile.name!r} at lr {profile.lr:g} and "
+                    f"{profile.image_size} px: lower the learning rate (last milestone kept: "
+                    f"{kept[-1] if kept else 'none'})"
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_total']:.4f}", img_s=f"{row['images_per_second']:.1f}")
             if self.epoch in self.milestones:
