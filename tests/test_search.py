@@ -266,6 +266,21 @@ def test_training_hyperparameters_are_searched_with_asha(
     )
 
 
+def test_resume_refuses_the_per_category_training_experiments_of_an_earlier_version(
+    tmp_path, demo_dataset_root
+):
+    plan = plan_for(tmp_path, demo_dataset_root, "old", "stripes")
+    start_run(plan, resume=False)
+    start_run(plan, resume=True)  # a run of this version resumes
+    (plan.run_dir / "tune" / "train-stripes").mkdir(parents=True)
+    config = (plan.run_dir / "config.json").read_bytes()
+    with pytest.raises(
+        InputError, match=r"--resume: .*/tune/train-stripes is a training experiment of an earlier"
+    ):
+        start_run(plan, resume=True)
+    assert (plan.run_dir / "config.json").read_bytes() == config
+
+
 def test_each_category_has_its_own_searcher_and_asha_rungs(tmp_path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler

@@ -302,6 +302,15 @@ def start_run(plan: RunPlan, resume: bool) -> None:
                 else ""
             )
             raise InputError(f"--resume: this command differs from {config} in {changed}{seeds}")
+        # before one experiment held every category, a training search had one per category (train-CATEGORY):
+        # resuming would start the search again beside them, in the same studies
+        per_category = [name for name in plan.location.folders("tune") if name.startswith("train-")]
+        if per_category:
+            raise InputError(
+                f"--resume: {plan.location.child('tune', per_category[0]).uri} is a training experiment of an"
+                " earlier tfsearch (one per category), which this version cannot continue: start the run"
+                " again under another --name"
+            )
         return
     if resume:
         raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
