@@ -137,23 +137,25 @@ class FakeAutoscalingCluster:
 
     def raylets(self) -> dict[str, bool]:
         """The node id of each running node of this cluster, and whether it is the head."""
-        nodes = {}
-        for pid in self.processes():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-                if argv[0].endswith("/raylet"):
-                    node_id = next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id="))
-                    nodes[node_id] = "--head" in argv
-        return nodes
+        return {
+            next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id=")): "--head" in argv
+            for argv in self.command_lines().values()
+            if argv[0].endswith("/raylet")
+        }
 
     def processes(self) -> list[int]:
-        """PIDs of every process of this cluster: those whose command line names its folder."""
-        marker, found = str(self.root), []
+        """PIDs of every process of this cluster."""
+        return list(self.command_lines())
+
+    def command_lines(self) -> dict[int, list[str]]:
+        """By PID, the arguments of each process of this cluster (its command line names the folder)."""
+        marker, found = str(self.root), {}
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             with contextlib.suppress(OSError):
-                if marker in cmdline.read_bytes().decode(errors="replace"):
-                    found.append(int(cmdline.parent.name))
-        return [pid for pid in found if pid != os.getpid()]
+                argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+                if any(marker in arg for arg in argv) and int(cmdline.parent.name) != os.getpid():
+                    found[int(cmdline.parent.name)] = argv
+        return found
 
     def stop(self, timeout: float = 5) -> None:
         """SIGTERM to this cluster's processes, then SIGKILL to whatever is left after `timeout` s."""
