@@ -12,13 +12,16 @@ changes with the milestone) and write their study to a fresh SQLite storage, as 
   computes all five metrics), loaded from git.
 
 It prints the wall time, candidates per second and the best image AUROC of each, where the exhaustive path
-spent its time (`image_maxima`, the storage writes), and the load average at the start and at the end.
+spent its time (reducing the maps to their hull candidates, `CandidateSet.prepare_maxima`, in one worker
+process per CPU, each a milestone at a time, or with `--one-process` in this process, threads over each
+milestone's images; the storage writes), and the load average at the start and at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import platform
 import subprocess
@@ -34,6 +37,7 @@ from scipy import ndimage
 
 import tfsearch.selection
 from tfsearch.map_cache import MapSet, write_map_set
+from tfsearch.metrics import usable_cpus
 from tfsearch.selection import CandidateSet, Config, StudyPlan, run_study
 from tfsearch.spaces import parse_space
 
@@ -115,7 +119,14 @@ def main() -> None:
     parser.add_argument("--milestones", type=int, default=30)
     parser.add_argument("--lam-points", type=int, default=21)
     parser.add_argument("--tpe-trials", type=int, default=64)
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="reduce the milestones in this process (threads over images)",
+    )
     args = parser.parse_args()
+    if args.one_process:
+        tfsearch.selection.WORKER_MIN_PIXELS = math.inf
     load_at_start = os.getloadavg()
     params = {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": KERNELS}}
     exhaustive = parse_space(
@@ -138,7 +149,9 @@ def main() -> None:
         # both storages opened before the clocks start: the first pays for importing SQLAlchemy and alembic
         storages = storage(root, "exhaustive"), storage(root, "tpe")
         writes = timing(tfsearch.selection, "add_finished_trials")  # the storage writes
-        maxima = timing(tfsearch.selection, "image_maxima")  # box filters and hull candidates, per milestone
+        # box filters and hull candidates: in worker processes, a milestone each, or per milestone in-process
+        maxima = timing(CandidateSet, "prepare_maxima")
+        in_process = timing(tfsearch.selection, "image_maxima")
         started = time.perf_counter()
         plan = StudyPlan("x/c", exhaustive, {"c": CandidateSet(dirs, tuple(KERNELS))}, checkpoints, default)
         study = run_study(storages[0], plan)
@@ -159,7 +172,12 @@ def main() -> None:
     print(f"{args.maps} maps of {args.size}², {args.milestones} milestones, n {KERNELS}")
     rate_x, rate_t = exhaustive_n / exhaustive_s, tpe_n / tpe_s
     print(f"exhaustive: {exhaustive_n} candidates in {exhaustive_s:.1f} s = {rate_x:.1f}/s, best", end=" ")
-    print(f"{exhaustive_best:.4f}; of which filtering and hull candidates {maxima[0]:.1f} s,", end=" ")
+    where = "one process" if args.one_process else f"{min(usable_cpus(), args.milestones)} worker processes"
+    print(
+        f"{exhaustive_best:.4f}; of which filtering and hull candidates {maxima[0] + in_process[0]:.1f} s",
+        end=" ",
+    )
+    print(f"({where}),", end=" ")
     print(f"writing the trials to SQLite {writes[0]:.1f} s; reading them back afterwards {read_s:.1f} s")
     print(f"TPE ({BEFORE}): {tpe_n} candidates in {tpe_s:.1f} s = {rate_t:.2f}/s, best {tpe_best:.4f}")
     print(f"candidates per second: {rate_x / rate_t:.0f}x")

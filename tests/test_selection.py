@@ -171,6 +171,28 @@ def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
     assert run_study(storage, plan).trials == study.trials  # resumed: nothing added twice
 
 
+def test_worker_processes_reduce_the_milestones_as_this_process_does(tmp_path, monkeypatch):
+    plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
+    candidates, checkpoints = plan.candidates["c"], plan.checkpoints
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # two CPUs, however many this machine has
+    candidates.prepare_maxima(checkpoints)  # maps this small stay in this process
+    assert not candidates._maxima
+    monkeypatch.setattr(selection, "WORKER_MIN_PIXELS", 0)
+    candidates.prepare_maxima(checkpoints)
+    assert sorted(candidates._maxima) == checkpoints
+    in_process = CandidateSet(candidates.maps_dirs, candidates.kernels)
+    for model, epoch in checkpoints:
+        for kernel in (1, 3):
+            for lam in (0.0, 0.5, 0.95, 1.0):
+                expected = in_process.maxima(model, epoch, kernel).scores(lam)
+                assert np.array_equal(candidates.maxima(model, epoch, kernel).scores(lam), expected)
+    # a milestone of other images is refused, naming its folder
+    dirs = dict(candidates.maps_dirs)
+    dirs["default", 40] = write_milestones(tmp_path / "other", {40: 0.1}, n=6)["default", 40]
+    with pytest.raises(InputError, match="other/epoch-40: its images differ"):
+        CandidateSet(dirs, (1, 3)).prepare_maxima(sorted(dirs))
+
+
 def test_bulk_trials_in_sqlite_are_the_records_add_trials_makes(tmp_path):
     choices = optuna.distributions.CategoricalDistribution(["a@1", "a@2"])
     trials = [

@@ -20,8 +20,11 @@ best value, and, where a tie-break metric is set (`--select-on val`), the candid
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +34,24 @@ from optuna.trial import TrialState
 
 from tfsearch.errors import InputError
 from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import METRIC_NAMES, GroundTruth, ImageMaxima, MapFuser, auroc, evaluate, image_maxima
+from tfsearch.metrics import (
+    METRIC_NAMES,
+    GroundTruth,
+    ImageMaxima,
+    MapFuser,
+    auroc,
+    evaluate,
+    image_maxima,
+    usable_cpus,
+)
 from tfsearch.spaces import Choices, FloatRange, Grid, Space
 from tfsearch.studies import add_finished_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# pixels in one milestone's maps from which its image-score points are worth a worker process of their own
+# (one starts in ~0.4 s; 200 maps of 256² take ~0.5 s on one core)
+WORKER_MIN_PIXELS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,29 @@ class CandidateSet:
             tables.update(image_maxima(maps.m_disc, maps.m_recon, missing))
         return tables[kernel]
 
+    def prepare_maxima(self, checkpoints: list[tuple[str, int]]) -> None:
+        """The image-score points of every n of the space at each of `checkpoints`, ahead of their candidates.
+
+        Where this process may use several CPUs and the maps are large, the milestones are reduced in
+        parallel by worker processes, one thread each, that read their own maps and send back only the few
+        points per image (threads over one milestone's images share the GIL between the whole-map passes).
+        Otherwise `maxima` reduces each milestone on first use."""
+        pending = [key for key in checkpoints if not set(self.kernels) <= set(self._maxima.get(key, {}))]
+        workers = min(usable_cpus(), len(pending))
+        if workers < 2 or math.prod(self.ground_truth.shape) < WORKER_MIN_PIXELS:
+            return
+        for key in pending:
+            if key not in self.maps_dirs:
+                raise InputError(f"no cached maps for model {key[0]!r} at epoch {key[1]}")
+        context = multiprocessing.get_context("spawn")  # forking a process that runs threads can deadlock
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+            dirs = [self.maps_dirs[key] for key in pending]
+            reduced = pool.map(_milestone_maxima, dirs, [self.kernels] * len(dirs))
+            for key, (image_ids, tables) in zip(pending, reduced, strict=True):
+                if image_ids != self.image_ids:
+                    raise InputError(f"{self.maps_dirs[key]}: its images differ from the other milestones'")
+                self._maxima.setdefault(key, {}).update(tables)
+
     def image_auroc(self, config: Config) -> float:
         scores = self.maxima(config.model, config.epoch, config.kernel).scores(config.lam)
         return auroc(self.ground_truth.image_labels, scores)
@@ -114,6 +153,16 @@ class CandidateSet:
         if metric == "image_auroc" and not all_metrics:
             return {"image_auroc": self.image_auroc(config)}
         return self.evaluate(config)
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # `image_maxima` splits its images among this many threads
+
+
+def _milestone_maxima(maps_dir: Path, kernels: tuple[int, ...]) -> tuple[list[str], dict[int, ImageMaxima]]:
+    """In a worker process: one milestone's image ids and the image-score points of each n."""
+    maps = read_map_set(maps_dir)
+    return list(maps.image_ids), image_maxima(maps.m_disc, maps.m_recon, kernels)
 
 
 def mean_metrics(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -152,6 +201,10 @@ class SeedMeans:
 
     def evaluate(self, config: Config) -> dict[str, float]:
         return mean_metrics(self.per_seed(config))
+
+    def prepare_maxima(self, checkpoints: list[tuple[str, int]]) -> None:
+        for candidates in self.seeds.values():
+            candidates.prepare_maxima(checkpoints)
 
     def candidate_metrics(self, config: Config, metric: str, all_metrics: bool = False) -> dict[str, float]:
         return mean_metrics(
@@ -288,6 +341,12 @@ class StudyPlan:
     def objective(self, per_category: dict[str, dict[str, float]]) -> float:
         return mean_metrics(per_category)[self.space.metric]
 
+    def prepare(self, checkpoints: list[tuple[str, int]]) -> None:
+        """Reduce the maps of `checkpoints` ahead of their candidates, when those score image AUROC alone."""
+        if self.space.metric == "image_auroc" and not self.space.all_metrics:
+            for candidates in self.candidates.values():
+                candidates.prepare_maxima(checkpoints)
+
 
 CHOICE_ATTR = "choice"
 # candidates added to a study per storage write: a killed run recomputes at most this many
@@ -333,9 +392,9 @@ def add_grid_trials(
         finished.extend(t for t in pending if t.state == TrialState.COMPLETE)
         pending.clear()
 
-    for config in grid_candidates(plan.space, plan.checkpoints, plan.default):
-        if config in done:
-            continue
+    todo = [c for c in grid_candidates(plan.space, plan.checkpoints, plan.default) if c not in done]
+    plan.prepare(list(dict.fromkeys((config.model, config.epoch) for config in todo)))
+    for config in todo:
         per_category = plan.metrics(config)
         value = plan.objective(per_category)
         params = {"checkpoint": f"{config.model}@{config.epoch}", "lam": config.lam, "kernel": config.kernel}
