@@ -1,17 +1,20 @@
-"""Ablation of the quick profile on the realistic demo: what a small TransFusion needs to find subtle defects.
+"""Ablation of the quick profiles on the realistic demo: what a small TransFusion needs for subtle defects.
 
-    python -m bench.ablation                                    # every variant on cork, fibre and marble
-    python -m bench.ablation --categories marble --variants cpu,size128,textures+epochs120
+    python -m bench.ablation                                 # every variant of `cpu` on cork, fibre, marble
+    python -m bench.ablation --categories marble --variants base,size128,textures+epochs120
+    python -m bench.ablation --profile small --variants base --anchor   # the quick profile, the anchor
 
-Each variant is the cpu profile (64 px, 16 channels, 40 epochs, lr 1e-3) with some fields changed
-(`VARIANTS`), or with real-photograph-like anomaly sources: `textures` gives the anomaly synthesiser, in
-place of the procedural textures, a DTD-layout folder made of the good training images of the realistic
-demo's other categories; `a+b` combines variants. Every (variant, category) trains from scratch on
-`--dataset demo_real` (seed 0) with one milestone, the last epoch, then is scored at the profile's default λ
-and n, and at λ = 1 (the discriminative map alone) and λ = 0 (the reconstruction map alone: whether that
-branch carries any signal at this size). It prints one row per (variant, category): image and pixel AUROC,
-image AUROC per defect kind, the two single-branch image AUROCs, and the training wall time.
-`bench/patch_gaussian.py` is the classical anchor on the same images.
+Each variant is the `--profile` (default `cpu`: 64 px, 16 channels, 40 epochs, lr 1e-3) with some fields
+changed (`VARIANTS`; `base` changes nothing), or with real-photograph-like anomaly sources: `textures` gives
+the anomaly synthesiser, in place of the procedural textures, a DTD-layout folder made of the good training
+images of the realistic demo's other categories; `a+b` combines variants. Every (variant, category) trains
+from scratch on `--dataset demo_real` (seed 0) with one milestone, the last epoch, in the profile's precision
+(`--precision auto`), then is scored at the profile's default λ and n, and at λ = 1 (the discriminative map
+alone) and λ = 0 (the reconstruction map alone: whether that branch carries any signal at this size). It
+prints one row per (variant, category): image and pixel AUROC, image AUROC per defect kind, the two
+single-branch image AUROCs, and the training wall time. With `--anchor`, each category first gets a row of
+the classical anchor (`bench/patch_gaussian.py`: one Gaussian over all colour patches of the good images) at
+each image size the variants train at.
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tfsearch.config import get_profile
+from bench.patch_gaussian import PATCH_AT_128, evaluate_category
+from tfsearch.config import PROFILES, get_profile
 from tfsearch.demo import realistic_demo_root
 from tfsearch.demo_real import REALISTIC_CATEGORIES
 from tfsearch.evaluate import evaluate_run
 from tfsearch.train import Runtime, TrainJob, train
 
-# profile fields changed from the cpu profile, per variant (`textures` changes the anomaly source instead)
+# profile fields changed from the base profile, per variant (`textures` changes the anomaly source instead)
 VARIANTS: dict[str, dict[str, object]] = {
-    "cpu": {},
+    "base": {},
     "size128": {"image_size": 128},
     "width32": {"base_channels": 32},
     "lr3e-4": {"lr": 3e-4},
@@ -56,51 +60,69 @@ def texture_folder(root: Path, category: str) -> Path:
     return folder
 
 
+def row(label: str, category: str, result: dict, single: tuple[str, str], seconds: float) -> str:
+    kinds = ", ".join(
+        f"{kind} {100 * values['image_auroc']:.1f}" for kind, values in sorted(result["per_kind"].items())
+    )
+    metrics = result.get("metrics", result)
+    cells = [
+        label,
+        category,
+        f"{100 * metrics['image_auroc']:.1f}",
+        f"{100 * metrics['pixel_auroc']:.1f}",
+        kinds,
+    ]
+    return f"| {' | '.join([*cells, *single])} | {seconds:.0f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--profile", default="cpu", choices=sorted(PROFILES), help="the base of every variant"
+    )
     parser.add_argument("--categories", default=",".join(REALISTIC_CATEGORIES))
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--anchor", action="store_true", help="the patch Gaussian at the same image sizes")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = sorted({part for variant in variants for part in variant.split("+")} - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    profiles = {
+        variant: get_profile(
+            args.profile,
+            milestone_every=10_000,
+            **{k: v for part in variant.split("+") for k, v in VARIANTS[part].items()},
+        )
+        for variant in variants
+    }
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"# {machine}, load {os.getloadavg()[0]:.1f}")
+    print(f"# {machine}, base profile {args.profile}, load {os.getloadavg()[0]:.1f}")
     print(
         "| variant | category | image AUROC | pixel AUROC | per kind | λ=1 (disc) | λ=0 (recon) | train s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="tfsearch-ablation-") as folder:
         root = Path(folder)
-        for variant in variants:
+        for category in args.categories.split(",") if args.anchor else []:
+            for size in sorted({profile.image_size for profile in profiles.values()}):
+                patch = max(1, round(PATCH_AT_128 * size / 128))
+                started = time.perf_counter()
+                result = evaluate_category("demo_real", None, category, size, patch)
+                seconds = time.perf_counter() - started
+                print(row(f"patch Gaussian {size} px", category, result, ("", ""), seconds), flush=True)
+        for variant, profile in profiles.items():
             for category in args.categories.split(","):
-                parts = variant.split("+")
-                fields = {k: v for part in parts for k, v in VARIANTS[part].items()}
-                profile = get_profile("cpu", milestone_every=10_000, **fields)
-                textures = texture_folder(root, category) if "textures" in parts else None
+                textures = texture_folder(root, category) if "textures" in variant.split("+") else None
                 job = TrainJob("demo_real", category, profile, texture_root=textures)
                 run_dir = root / f"{variant}-{category}"
                 started = time.perf_counter()
                 train(job, run_dir, Runtime(device="cpu", progress=False))
                 seconds = time.perf_counter() - started
-                result = evaluate_run(run_dir)
-                kinds = ", ".join(
-                    f"{kind} {100 * values['image_auroc']:.1f}"
-                    for kind, values in sorted(result["per_kind"].items())
+                single = tuple(
+                    f"{100 * evaluate_run(run_dir, lam=lam)['image_auroc']:.1f}" for lam in (1.0, 0.0)
                 )
-                disc, recon = (100 * evaluate_run(run_dir, lam=lam)["image_auroc"] for lam in (1.0, 0.0))
-                image, pixel = 100 * result["image_auroc"], 100 * result["pixel_auroc"]
-                row = [
-                    variant,
-                    category,
-                    f"{image:.1f}",
-                    f"{pixel:.1f}",
-                    kinds,
-                    f"{disc:.1f}",
-                    f"{recon:.1f}",
-                ]
-                print(f"| {' | '.join(row)} | {seconds:.0f} |", flush=True)
+                print(row(variant, category, evaluate_run(run_dir), single, seconds), flush=True)
     print(f"# load after: {os.getloadavg()[0]:.1f}")
 
 

@@ -145,6 +145,6 @@ def test_cached_copy_is_generated_once_and_read_by_dataset_demo_real(tiny_root, 
 def test_a_bare_run_on_demo_real_without_gpu_takes_the_quick_profile(tiny_root, tmp_path, capsys):
     argv = ["run", "--dataset", "demo_real", "--data-root", str(tiny_root), "--runs-root", str(tmp_path)]
     plan = make_plan(build_parser().parse_args(argv))
-    assert (plan.profile.name, plan.gpus_per_trial) == ("cpu", 0.0)
+    assert (plan.profile.name, plan.gpus_per_trial) == ("small", 0.0)
     assert plan.categories == list(REALISTIC_CATEGORIES)
-    assert "no GPU on this machine: the demo runs the quick profile 'cpu'" in capsys.readouterr().out
+    assert "no GPU on this machine: the demo runs the quick profile 'small'" in capsys.readouterr().out

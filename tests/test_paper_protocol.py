@@ -129,13 +129,13 @@ def test_train_with_textures_and_foreground_masks_is_silent(tiny_paper, objects,
 
 def test_train_without_a_profile_picks_by_device_and_says_so(tmp_path, capsys):
     assert default_profile(torch.device("cuda", 0)) == "paper"
-    assert default_profile(torch.device("cpu")) == "cpu"
+    assert default_profile(torch.device("cpu")) == "small"
     fresh = argparse.Namespace(profile=None, resume=False, out=tmp_path / "new")
     assert chosen_profile(fresh, torch.device("cuda", 0)) == "paper"
     assert capsys.readouterr().out == "[train] profile 'paper': training on cuda:0 (no --profile)\n"
-    assert chosen_profile(fresh, torch.device("cpu")) == "cpu"
+    assert chosen_profile(fresh, torch.device("cpu")) == "small"
     assert capsys.readouterr().out == (
-        "[train] profile 'cpu': training on cpu, not a CUDA device: the quick profile (no --profile)\n"
+        "[train] profile 'small': training on cpu, not a CUDA device: the quick profile (no --profile)\n"
     )
     given = argparse.Namespace(profile="cpu", resume=False, out=tmp_path / "new")
     assert chosen_profile(given, torch.device("cuda", 0)) == "cpu"

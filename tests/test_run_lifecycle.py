@@ -260,12 +260,12 @@ def test_on_a_machine_without_gpu_a_paper_run_stops_and_a_bare_run_is_quick(
     assert main([*base, "--profile", "paper"]) == 2
     err = capsys.readouterr().err
     assert "the 'paper' profile asks each trial for 1 GPU and this machine has none" in err
-    assert "--profile cpu" in err and "--gpus-per-trial 0" in err
+    assert "--profile small" in err and "--gpus-per-trial 0" in err
     assert not any(tmp_path.iterdir())  # stopped before anything was written
 
     plan = plan_from(*base)
-    assert (plan.profile.name, plan.gpus_per_trial) == ("cpu", 0.0)
-    assert "no GPU on this machine: the demo runs the quick profile 'cpu'" in capsys.readouterr().out
+    assert (plan.profile.name, plan.gpus_per_trial) == ("small", 0.0)
+    assert "no GPU on this machine: the demo runs the quick profile 'small'" in capsys.readouterr().out
     assert plan_from(*base, "--profile", "paper", "--gpus-per-trial", "0").profile.name == "paper"
 
 

@@ -1,6 +1,7 @@
 """`tfsearch run`: spaces, training paid once, selection on cached maps, resume, retries, protocols."""
 
 import csv
+import json
 import shutil
 import time
 from datetime import datetime
@@ -279,6 +280,23 @@ def test_resume_refuses_the_per_category_training_experiments_of_an_earlier_vers
     ):
         start_run(plan, resume=True)
     assert (plan.run_dir / "config.json").read_bytes() == config
+
+
+def test_resume_continues_a_run_of_the_previous_version_with_its_own_precision(tmp_path, demo_dataset_root):
+    plan = plan_for(tmp_path, demo_dataset_root, "before", "stripes")
+    assert plan.precision == "auto"  # a new run: bf16 where the profile asks for it and the device has it
+    start_run(plan, resume=False)
+    # the previous version stored neither the profile fields added since nor `auto`: it trained in fp32
+    config = json.loads((plan.run_dir / "config.json").read_text())
+    for field in ("grad_clip", "bf16"):
+        del config["profile"][field]
+    (plan.run_dir / "config.json").write_text(json.dumps({**config, "precision": "fp32"}))
+    resumed = plan_for(tmp_path, demo_dataset_root, "before", "stripes", "--resume")
+    assert resumed.precision == "fp32"
+    start_run(resumed, resume=True)
+    other = plan_for(tmp_path, demo_dataset_root, "before", "stripes", "--resume", "--precision", "bf16")
+    with pytest.raises(InputError, match=r"differs from .*config.json in \['precision'\]"):
+        start_run(other, resume=True)
 
 
 def test_each_category_has_its_own_searcher_and_asha_rungs(tmp_path):

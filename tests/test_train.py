@@ -61,6 +61,38 @@ def test_a_diverged_training_stops_at_once_naming_the_learning_rate(demo_dataset
     assert TrainDir(tmp_path / "run").weight_epochs() == []
 
 
+def test_grad_clip_bounds_the_gradient_norm_of_every_step(demo_dataset_root, tmp_path):
+    def step_norms(grad_clip: float) -> list[float]:
+        profile = tiny_profile(epochs=1, milestone_every=1, grad_clip=grad_clip)
+        job = TrainJob("demo", "stripes", profile, data_root=demo_dataset_root)
+        trainer = Trainer(job, tmp_path / f"{grad_clip}", QUIET)
+        norms, step = [], trainer.optimizer.step
+
+        def recorded_step(*args, **kwargs):
+            grads = [p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recorded_step
+        trainer.train_epoch()
+        return norms
+
+    unclipped, clipped = step_norms(0.0), step_norms(0.05)
+    assert len(clipped) == len(unclipped) > 1
+    assert max(unclipped) > 0.1  # the paper's setting leaves the gradients as they are
+    assert max(clipped) <= 0.05 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_profile_asks_and_the_device_has_it(native, monkeypatch):
+    monkeypatch.setattr("tfsearch.train.native_bf16", lambda device: native)
+    cpu, asks, plain = torch.device("cpu"), tiny_profile(bf16=True), tiny_profile()
+    assert Runtime(precision="auto").network_precision(asks, cpu) == ("bf16" if native else "fp32")
+    assert Runtime(precision="auto").network_precision(plain, cpu) == "fp32"
+    assert Runtime(precision="fp32").network_precision(asks, cpu) == "fp32"
+    assert Runtime(precision="bf16").network_precision(plain, cpu) == "bf16"  # asked for, emulated or not
+
+
 def test_milestones_write_checkpoints_and_maps(demo_dataset_root, tmp_path):
     trainer = train(tiny_job(demo_dataset_root), tmp_path / "run", QUIET)
     run = TrainDir(tmp_path / "run")

@@ -1,9 +1,10 @@
 """The ResUNet of method.md §4."""
 
 import torch
+import torch.nn.functional as F
 
 from tfsearch.config import get_profile
-from tfsearch.unet import TransFusionUNet, count_parameters, row_sine
+from tfsearch.unet import Attention, TransFusionUNet, count_parameters, row_sine
 
 
 def test_paper_profile_has_the_original_parameter_count():
@@ -33,3 +34,25 @@ def test_positional_channel_is_the_sine_of_the_row_index():
     assert pe.shape == (1, 1, 5, 3)
     assert torch.allclose(pe[0, 0, :, 0], torch.sin(torch.arange(5.0)))
     assert torch.equal(pe[0, 0, :, 0], pe[0, 0, :, 2])
+
+
+def test_attention_trains_with_finite_gradients_at_huge_logits_and_infers_as_the_fused_kernel():
+    # without a normalisation layer the logits grow with training; past ~10⁹ the fused kernels' backward
+    # pass returns NaN gradients (a 500-epoch small-profile run got them at 3·10⁸ in bf16)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    layer = Attention(32)
+    tokens = torch.randn(4, 32, 16, 16, generator=generator) * 1e5  # logits up to ~2·10¹⁰
+    x = tokens.clone().requires_grad_()
+    layer(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    fused = tokens.clone().requires_grad_()
+    q, k, v = layer.qkv(fused.flatten(2).transpose(1, 2)).unsqueeze(1).chunk(3, dim=-1)
+    F.scaled_dot_product_attention(q, k, v).square().sum().backward()
+    assert not torch.isfinite(fused.grad).all()  # what training would have got
+    # at ordinary sizes training and inference compute the same attention
+    x = torch.randn(2, 32, 8, 8, generator=generator)
+    with torch.no_grad():
+        inferred = layer(x)
+    torch.testing.assert_close(layer(x), inferred, rtol=1e-5, atol=1e-5)

@@ -130,6 +130,7 @@ class Detector:
             raise InputError(f"{export.folder / 'manifest.json'}: invalid model profile ({exc})") from None
         self.image_size = profile.image_size
         self.batch_size = profile.inference_batch
+        self.precision = self.runtime.network_precision(profile, self.device)
         self.process = TransparencyProcess(profile.steps)
         weights_file = export.folder / self.manifest["weights"]["file"]
         try:
@@ -142,7 +143,7 @@ class Detector:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def load(cls, export: str | Path, device: str = "auto", precision: str = "fp32") -> Detector:
+    def load(cls, export: str | Path, device: str = "auto", precision: str = "auto") -> Detector:
         """Load an export folder (`EXPORT/CATEGORY` of `tfsearch export`), checked against its manifest."""
         return cls(read_export(Path(export)), Runtime(device=device, precision=precision, progress=False))
 
@@ -165,7 +166,7 @@ class Detector:
             torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(),
             batch_size=batch_size or self.batch_size,
             device=self.device,
-            precision=self.runtime.precision,
+            precision=self.precision,
         )
         fused = fuse(m_disc, m_recon, self.lam, self.kernel)
         maps = [resized(fused_map, array.shape[:2]) for fused_map, array in zip(fused, arrays, strict=True)]
@@ -383,7 +384,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, help="images per batch (default: the profile's inference batch)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocasts the network; auto: bf16 where the model's profile asks for it and the device"
+        " has it",
+    )
     parser.add_argument("--address", help="fan the batches out to a Ray cluster (HOST:PORT or auto)")
     parser.add_argument(
         "--workers", type=int, help="with --address: models to load (default: one per GPU, else per node)"

@@ -58,7 +58,7 @@ class RunPlan:
     # not part of the plan's identity: may change on --resume
     max_failures: int = 2
     quiet: bool = False
-    precision: str = "fp32"  # fp32 | bf16 autocast in the training trials
+    precision: str = "auto"  # auto | fp32 | bf16 autocast in the training trials (`Runtime.precision`)
     channels_last: bool = False
     # Weights & Biases: offline | online | disabled; not part of the plan's identity
     wandb: str = "offline"
@@ -271,13 +271,20 @@ def make_plan(args) -> RunPlan:
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
         quiet=args.quiet,
-        precision=args.precision,
+        precision=args.precision or stored_precision(run_dir),
         channels_last=args.channels_last,
         wandb=args.wandb,
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,
         **folders,
     )
+
+
+def stored_precision(run_dir: Path) -> str:
+    """Without `--precision`: the precision the run in `run_dir` was started with, which `--resume` keeps
+    (runs started before `auto` existed trained in fp32 by default), else `auto`."""
+    config = run_dir / CONFIG_FILE
+    return json.loads(config.read_text()).get("precision", "fp32") if config.is_file() else "auto"
 
 
 def start_run(plan: RunPlan, resume: bool) -> None:
@@ -293,7 +300,9 @@ def start_run(plan: RunPlan, resume: bool) -> None:
                 f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
             )
         stored = json.loads(config.read_text())
-        current = json.loads(json.dumps(plan.describe()))  # tuples become lists, as stored
+        # a profile stored before a field was added reads with that field's value of its base profile
+        stored["profile"] = Profile.from_dict(stored["profile"]).to_dict()
+        current, stored = (json.loads(json.dumps(d)) for d in (plan.describe(), stored))  # tuples as lists
         changed = sorted(k for k, v in current.items() if stored.get(k) != v)
         if changed:
             seeds = (

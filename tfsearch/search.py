@@ -164,7 +164,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per training trial")
     parser.add_argument("--max-failures", type=int, default=2, help="retries of a failing training trial")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16 autocasts the network in the trials; auto (the default; on --resume, the run's): bf16"
+        " where the profile asks for it and the device has it",
+    )
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
     parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")

@@ -51,7 +51,7 @@ from tfsearch.synthesis import (
 from tfsearch.transparency import TransparencyProcess, training_loss
 from tfsearch.unet import TransFusionUNet
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 CHECKPOINT_FILE = "trainer.pt"  # the whole training state, kept at the latest milestone only
 MODEL_FILE = "model.pt"  # the network's weights, kept at every milestone
 
@@ -120,7 +120,7 @@ class Runtime:
     """How a job runs; none of it changes the result on a given device."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast around the network)
+    precision: str = "auto"  # auto (as `Profile.bf16` says) | fp32 | bf16 (autocast the network)
     loader_workers: int = 0  # threads that decode images once at start
     progress: bool = True
     channels_last: bool = False  # NHWC convolutions: faster with bf16 on recent CPUs and on GPUs
@@ -132,6 +132,22 @@ class Runtime:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {self.device}: CUDA is not available on this machine")
         return device
+
+    def network_precision(self, profile: Profile, device: torch.device) -> str:
+        """fp32 or bf16: as asked, or with `auto` bf16 where the profile asks for it and the device computes
+        bfloat16 natively (emulated, it is slower than fp32)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if profile.bf16 and native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or
+    AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own probes
+    return device.type == "cpu" and any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 class TrainDir:
@@ -304,6 +320,7 @@ class Trainer:
         if self.runtime.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {PRECISIONS}, got {self.runtime.precision!r}")
         self.device = self.runtime.torch_device()
+        self.precision = self.runtime.network_precision(self.profile, self.device)
         self.process = TransparencyProcess(self.profile.steps)
 
         torch.manual_seed(self.profile.seed)
@@ -437,11 +454,13 @@ class Trainer:
             stack[rotated] = rotate(stack[rotated], angles[rotated], mode="nearest")
             x_t, x0, noise, mask, sim_mask = stack.split([3, 3, 3, 1, 1], dim=1)
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             output = self.model(x_t, sim_mask, t)
         terms = training_loss(process, output, x_t, x0, noise, mask, t, profile.focal_weight)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if profile.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), profile.grad_clip)
         self.optimizer.step()
         return terms.as_floats()
 
@@ -491,7 +510,7 @@ class Trainer:
                 eval_set.images,
                 batch_size=self.profile.inference_batch,
                 device=self.device,
-                precision=self.runtime.precision,
+                precision=self.precision,
             )
             target = self.dir.maps(epoch, split)
             meta = {
@@ -577,7 +596,12 @@ def train(
 # ------------------------------------------------------------------------------------------------- CLI
 def add_runtime_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 autocasts the network")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocasts the network; auto: bf16 where the profile asks for it and the device has it",
+    )
     parser.add_argument("--loader-workers", type=int, default=0, help="threads decoding the images at start")
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tfsearch.config import Profile
 
@@ -58,8 +59,13 @@ class ResidualBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over all positions, without a normalisation layer (as in the original).
 
-    `scaled_dot_product_attention` never materialises the (HW)² score matrix on backends with a fused kernel,
-    which is what makes 4096-token attention affordable in memory.
+    Inference uses `scaled_dot_product_attention`, which never materialises the (HW)² score matrix on
+    backends with a fused kernel: that makes 4096-token attention affordable in memory. Training does not:
+    without a normalisation layer the logits grow with training (past 10⁸ after 340 epochs of a 64 px,
+    16-channel network at lr 5e-4), and the fused kernels' backward pass, which recomputes the softmax from
+    the logits and a saved log-sum-exp, then returns NaN gradients. There the softmax is computed in float32
+    from the scores (`attention`), under activation checkpointing, so that only q, k and v are kept for the
+    backward pass, as with the fused kernels.
     """
 
     def __init__(self, channels: int) -> None:
@@ -71,8 +77,17 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, HW, C)
-        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        return x + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
+        if torch.is_grad_enabled():
+            attended = checkpoint(attention, q, k, v, use_reentrant=False)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(attended.squeeze(1)).transpose(1, 2).reshape(b, c, h, w)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√C)·v with the softmax in float32: finite gradients at any size of the logits."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
 
 class Stage(nn.Module):
