@@ -225,7 +225,7 @@ def test_train_and_evaluate_commands(demo_dataset_root, tmp_path, capsys):
         (["--dataset", "demo", "--category", "nope"], "nope"),
         (["--dataset", "demo", "--category", "disk", "--epochs", "0"], "--epochs"),
         (["--dataset", "demo", "--category", "disk", "--milestones", "a,b"], "--milestones"),
-        (["--dataset", "demo", "--category", "disk", "--milestones", "99"], "milestones"),
+        (["--dataset", "demo", "--category", "disk", "--milestones", "9999"], "milestones"),
     ],
 )
 def test_bad_train_input(args, message, tmp_path, demo_dataset_root, capsys):

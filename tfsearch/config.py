@@ -1,10 +1,11 @@
 """Training profiles: every number the trainer uses, in one frozen object.
 
 `paper` is method.md's configuration (256 px, 64 base channels, 1500 epochs). `small` is the quick profile,
-what a run on a machine without a GPU trains: the same network at 128 px with 16 base channels, trained long
-enough (minutes per category on two CPU cores, in bf16 where the CPU has it) to find subtle defects of the
-realistic demo (bench/README.md, "Ablation"). `cpu` is the same code at toy size, 120 optimiser steps, so the
-whole pipeline runs in a minute and in the test suite; it learns the demo's obvious defects only.
+what a run on a machine without a GPU trains: the same network at 128 px with 16 base channels, trained for
+about 9 minutes per category on two CPU cores (in bf16 where the CPU has it), which finds many of the
+realistic demo's subtle defects (bench/README.md, "The quick profile"). `cpu` is the same code at toy size,
+120 optimiser steps, so the whole pipeline runs in a minute and in the test suite; it learns the demo's
+obvious defects only.
 """
 
 from __future__ import annotations
