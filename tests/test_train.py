@@ -61,6 +61,7 @@ def test_a_diverged_training_stops_at_once_naming_the_learning_rate(demo_dataset
     assert TrainDir(tmp_path / "run").weight_epochs() == []
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_grad_clip_bounds_the_gradient_norm_of_every_step(demo_dataset_root, tmp_path):
     def step_norms(grad_clip: float) -> list[float]:
         profile = tiny_profile(epochs=1, milestone_every=1, grad_clip=grad_clip)
