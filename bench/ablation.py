@@ -60,11 +60,11 @@ def texture_folder(root: Path, category: str) -> Path:
     return folder
 
 
-def row(label: str, category: str, result: dict, single: tuple[str, str], seconds: float) -> str:
-    kinds = ", ".join(
-        f"{kind} {100 * values['image_auroc']:.1f}" for kind, values in sorted(result["per_kind"].items())
-    )
-    metrics = result.get("metrics", result)
+def row(
+    label: str, category: str, metrics: dict, per_kind: dict, single: tuple[str, str], seconds: float
+) -> str:
+    """A table row: image and pixel AUROC, image AUROC per defect kind, the single-branch AUROCs, seconds."""
+    kinds = ", ".join(f"{kind} {100 * value['image_auroc']:.1f}" for kind, value in sorted(per_kind.items()))
     cells = [
         label,
         category,
@@ -110,7 +110,8 @@ def main() -> None:
                 started = time.perf_counter()
                 result = evaluate_category("demo_real", None, category, size, patch)
                 seconds = time.perf_counter() - started
-                print(row(f"patch Gaussian {size} px", category, result, ("", ""), seconds), flush=True)
+                label, metrics, kinds = f"patch Gaussian {size} px", result["metrics"], result["per_kind"]
+                print(row(label, category, metrics, kinds, ("", ""), seconds), flush=True)
         for variant, profile in profiles.items():
             for category in args.categories.split(","):
                 textures = texture_folder(root, category) if "textures" in variant.split("+") else None
@@ -122,7 +123,8 @@ def main() -> None:
                 single = tuple(
                     f"{100 * evaluate_run(run_dir, lam=lam)['image_auroc']:.1f}" for lam in (1.0, 0.0)
                 )
-                print(row(variant, category, evaluate_run(run_dir), single, seconds), flush=True)
+                result = evaluate_run(run_dir)
+                print(row(variant, category, result, result["per_kind"], single, seconds), flush=True)
     print(f"# load after: {os.getloadavg()[0]:.1f}")
 
 

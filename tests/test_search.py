@@ -101,6 +101,9 @@ def test_builtin_spaces_parse_and_are_listed(capsys):
         ({"colour": "red"}, "unknown key(s) ['colour']"),
         ({"profile": "huge"}, "profile: expected one of"),
         ({"profile_overrides": {"wings": 2}}, "profile_overrides: unknown profile field(s) ['wings']"),
+        ({"profile_overrides": {"lr": "fast"}}, "profile_overrides: profile field lr='fast': expected float"),
+        ({"profile_overrides": {"bf16": "yes"}}, "profile field bf16='yes': expected bool"),
+        ({"profile_overrides": {"grad_clip": -1.0}}, "grad_clip=-1.0: expected 0 (no clipping) or more"),
         ({"training": {"params": {"momentum": {"low": 0.1, "high": 0.9}}}}, "training.params: unknown"),
     ],
 )

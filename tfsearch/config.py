@@ -11,6 +11,7 @@ obvious defects only.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 
@@ -51,6 +52,25 @@ class Profile:
     kernel: int = 7
     inference_batch: int = 16
 
+    def __post_init__(self) -> None:
+        """Every field of the type of its default (a float field takes an int), so that a profile from a
+        space's `profile_overrides` or a stored job fails here, naming the field, not deep in training."""
+        for field in dataclasses.fields(self):
+            value, default = getattr(self, field.name), field.default
+            if default is dataclasses.MISSING:  # the name
+                valid = isinstance(value, str)
+            elif isinstance(default, bool):
+                valid = isinstance(value, bool)
+            elif isinstance(default, numbers.Integral | numbers.Real):
+                kind = numbers.Integral if isinstance(default, int) else numbers.Real
+                valid = isinstance(value, kind) and not isinstance(value, bool)
+            else:
+                valid = isinstance(value, type(default))
+            if not valid:
+                raise ValueError(f"profile field {field.name}={value!r}: expected {type(default).__name__}")
+        if self.grad_clip < 0:
+            raise ValueError(f"profile field grad_clip={self.grad_clip}: expected 0 (no clipping) or more")
+
     def milestones(self, every: int | None = None) -> tuple[int, ...]:
         """Milestone epochs: every `every` epochs, always ending on the final epoch."""
         step = every or self.milestone_every
@@ -69,11 +89,13 @@ class Profile:
         )
 
     def replace(self, **changes: object) -> Profile:
-        """A copy with some fields changed; unknown names are an error naming them."""
+        """A copy with some fields changed (a list, as YAML and JSON give, for a tuple field); unknown names
+        are an error naming them."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown profile field(s) {unknown}; known fields: {sorted(known)}")
+        changes = {name: tuple(v) if isinstance(v, list) else v for name, v in changes.items()}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -83,7 +105,7 @@ class Profile:
     def from_dict(cls, fields: dict) -> Profile:
         """The inverse of `to_dict` (JSON lists become tuples); a named built-in profile is the base."""
         base = PROFILES.get(fields.get("name", ""), cls(name="custom"))
-        return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return base.replace(**fields)
 
 
 # the paper's own configuration: jobs of this profile are checked against the paper's protocol

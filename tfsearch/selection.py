@@ -88,12 +88,19 @@ class CandidateSet:
         self._cached = cached_milestones
         self._maxima: dict[tuple[str, int], dict[int, ImageMaxima]] = {}
 
-    def _maps(self, model: str, epoch: int):
+    def _maps_dir(self, model: str, epoch: int) -> Path:
         if (model, epoch) not in self.maps_dirs:
             raise InputError(f"no cached maps for model {model!r} at epoch {epoch}")
-        maps = read_map_set(self.maps_dirs[model, epoch])
-        if list(maps.image_ids) != self.image_ids:
-            raise InputError(f"{self.maps_dirs[model, epoch]}: its images differ from the other milestones'")
+        return self.maps_dirs[model, epoch]
+
+    def _check_images(self, maps_dir: Path, image_ids: list[str]) -> None:
+        if list(image_ids) != self.image_ids:
+            raise InputError(f"{maps_dir}: its images differ from the other milestones'")
+
+    def _maps(self, model: str, epoch: int):
+        maps_dir = self._maps_dir(model, epoch)
+        maps = read_map_set(maps_dir)
+        self._check_images(maps_dir, maps.image_ids)
         return maps
 
     def fuser(self, model: str, epoch: int) -> MapFuser:
@@ -126,16 +133,12 @@ class CandidateSet:
         workers = min(usable_cpus(), len(pending))
         if workers < 2 or math.prod(self.ground_truth.shape) < WORKER_MIN_PIXELS:
             return
-        for key in pending:
-            if key not in self.maps_dirs:
-                raise InputError(f"no cached maps for model {key[0]!r} at epoch {key[1]}")
+        dirs = [self._maps_dir(*key) for key in pending]
         context = multiprocessing.get_context("spawn")  # forking a process that runs threads can deadlock
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
-            dirs = [self.maps_dirs[key] for key in pending]
             reduced = pool.map(_milestone_maxima, dirs, [self.kernels] * len(dirs))
-            for key, (image_ids, tables) in zip(pending, reduced, strict=True):
-                if image_ids != self.image_ids:
-                    raise InputError(f"{self.maps_dirs[key]}: its images differ from the other milestones'")
+            for key, maps_dir, (image_ids, tables) in zip(pending, dirs, reduced, strict=True):
+                self._check_images(maps_dir, image_ids)
                 self._maxima.setdefault(key, {}).update(tables)
 
     def image_auroc(self, config: Config) -> float:
