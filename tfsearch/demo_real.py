@@ -39,6 +39,12 @@ _LATTICE = 64
 _NOISE_STD = 0.015
 # a scratch this long at least, so that it covers ~30 px even at 1 px width
 _SCRATCH_LENGTH = (30.0, 70.0)
+# RGB directions of the `discolour` tints (warm, cool, yellow-green), scaled by a strength of 0.04-0.065
+TINTS: dict[str, tuple[float, float, float]] = {
+    "warm": (1.0, -0.2, -0.8),
+    "cool": (-0.6, 0.2, 1.0),
+    "yellow-green": (0.3, 1.0, -0.9),
+}
 _CENTRE = (IMAGE_SIZE - 1) / 2.0
 _ROWS, _COLS = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
 
@@ -252,7 +258,7 @@ def _discolour(sample: _Sample, rng: np.random.Generator) -> np.ndarray:
     """A faint tint in a 12-20 px blob, strongest in its middle; the texture shows through unchanged."""
     region = _blob(rng, (12.0, 20.0))
     depth = np.minimum(ndimage.distance_transform_edt(region) / 6.0, 1.0)
-    tint = rng.choice(np.array([[1.0, -0.2, -0.8], [-0.6, 0.2, 1.0], [0.3, 1.0, -0.9]]))
+    tint = rng.choice(np.array(list(TINTS.values())))
     strength = rng.uniform(0.04, 0.065)
     weight = (0.4 + 0.6 * depth) * region
     sample.image += strength * weight[..., None] * tint
