@@ -29,6 +29,7 @@ import torch
 from bench.patch_gaussian import PATCH_AT_128, PatchGaussian
 from tfsearch import data as datasets
 from tfsearch.demo_real import TINTS
+from tfsearch.errors import InputError
 from tfsearch.inference import anomaly_maps
 from tfsearch.metrics import auroc, fuse, image_scores
 from tfsearch.train import Runtime, TrainDir, Trainer
@@ -66,7 +67,10 @@ def main() -> None:
     levels = [float(level) for level in args.levels.split(",")]
 
     train_dir = TrainDir(args.run_dir)
-    job = train_dir.load_job()
+    try:
+        job = train_dir.load_job()
+    except InputError as error:
+        parser.error(str(error))
     available = train_dir.weight_epochs()
     epoch = args.epoch if args.epoch is not None else max(available, default=None)
     if epoch not in available:
