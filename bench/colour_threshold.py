@@ -56,15 +56,37 @@ def shifted(images: np.ndarray, disc: np.ndarray, shift: np.ndarray) -> np.ndarr
     return np.clip(np.rint(result), 0, 255).astype(np.uint8)
 
 
+def shift_levels(text: str) -> list[float]:
+    """--levels: comma-separated positive numbers of 0-255 levels."""
+    try:
+        levels = [float(level) for level in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}")
+    return levels
+
+
+def disc_radius(text: str) -> float:
+    """--radius: a fraction of the image side above 0 and at most 0.5 (the disc stays inside the image)."""
+    radius = float(text)
+    if not 0 < radius <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.5], got {text}")
+    return radius
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a folder written by `tfsearch train`")
     parser.add_argument("--epoch", type=int, default=None, help="a milestone (default: the last)")
-    parser.add_argument("--levels", default="8,16,32,64", help="shift lengths in 0-255 levels")
-    parser.add_argument("--radius", type=float, default=0.12, help="disc radius, a fraction of the side")
+    parser.add_argument(
+        "--levels", type=shift_levels, default=[8.0, 16.0, 32.0, 64.0], help="shift lengths in 0-255 levels"
+    )
+    parser.add_argument(
+        "--radius", type=disc_radius, default=0.12, help="disc radius, a fraction of the side"
+    )
     parser.add_argument("--anchor", action="store_true", help="the patch Gaussian's rows as well")
     args = parser.parse_args()
-    levels = [float(level) for level in args.levels.split(",")]
 
     train_dir = TrainDir(args.run_dir)
     try:
@@ -72,9 +94,11 @@ def main() -> None:
     except InputError as error:
         parser.error(str(error))
     available = train_dir.weight_epochs()
-    epoch = args.epoch if args.epoch is not None else max(available, default=None)
+    if not available:
+        parser.error(f"{args.run_dir} has no milestone weights yet")
+    epoch = available[-1] if args.epoch is None else args.epoch
     if epoch not in available:
-        parser.error(f"{args.run_dir} has weights at epochs {available}, not at --epoch {args.epoch}")
+        parser.error(f"--epoch {epoch}: {args.run_dir} has weights at epochs {available}")
     trainer = Trainer(job, args.run_dir, Runtime(progress=False))
     trainer.load_weights(epoch)
     profile = job.profile
@@ -111,11 +135,12 @@ def main() -> None:
     print("| model | direction | RGB (unit) | shift (levels) | image AUROC | max at the disc |")
     print("|---|---|---|---|---|---|")
     labels = np.r_[np.zeros(len(good)), np.ones(len(good))]
+    probed = directions(job.dataset, train_images)
     for model, maps_of in scorers.items():
         baseline = image_scores(maps_of(good))
-        for name, direction in directions(job.dataset, train_images).items():
+        for name, direction in probed.items():
             rgb = ", ".join(f"{value:+.2f}" for value in direction)
-            for level in levels:
+            for level in args.levels:
                 maps = maps_of(shifted(good, disc, level * direction))
                 result = auroc(labels, np.r_[baseline, image_scores(maps)])
                 inside = maps[:, near].max(axis=1) >= image_scores(maps)
