@@ -5,16 +5,17 @@
     python -m bench.ablation --profile small --variants base --anchor   # the quick profile, the anchor
 
 Each variant is the `--profile` (default `cpu`: 64 px, 16 channels, 40 epochs, lr 1e-3) with some fields
-changed (`VARIANTS`; `base` changes nothing), or with real-photograph-like anomaly sources: `textures` gives
-the anomaly synthesiser, in place of the procedural textures, a DTD-layout folder made of the good training
-images of the realistic demo's other categories; `a+b` combines variants. Every (variant, category) trains
-from scratch on `--dataset demo_real` (seed 0) with one milestone, the last epoch, in the profile's precision
+changed (`VARIANTS`; `base` changes nothing, `subtle` gives half the anomalies the subtle appearances of
+`tfsearch.synthesis`), or with real-photograph-like anomaly sources: `textures` gives the anomaly synthesiser,
+in place of the procedural textures, a DTD-layout folder made of the good training images of the realistic
+demo's other categories; `a+b` combines variants. Every (variant, category) trains from scratch on `--dataset
+demo_real` (the profile's seed, 3) with one milestone, the last epoch, in the profile's precision
 (`--precision auto`), then is scored at the profile's default λ and n, and at λ = 1 (the discriminative map
 alone) and λ = 0 (the reconstruction map alone: whether that branch carries any signal at this size). It
 prints one row per (variant, category): image and pixel AUROC, image AUROC per defect kind, the two
-single-branch image AUROCs, and the training wall time. With `--anchor`, each category first gets a row of
-the classical anchor (`bench/patch_gaussian.py`: one Gaussian over all colour patches of the good images) at
-each image size the variants train at.
+single-branch image AUROCs, and the training wall time. With `--anchor`, each category first gets a row of the
+classical anchor (`bench/patch_gaussian.py`: one Gaussian over all colour patches of the good images) at each
+image size the variants train at.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lr3e-4": {"lr": 3e-4},
     "epochs120": {"epochs": 120, "lr_step_epochs": 90},
     "steps10": {"steps": 10},
+    "subtle": {"subtle_share": 0.5},  # half the anomalies the image itself, mildly changed
     "textures": {},
 }
 

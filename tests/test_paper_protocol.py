@@ -57,6 +57,14 @@ def recorded(profile="paper", dataset="mvtec", categories=("bottle",), **roots) 
         ),
         (recorded(profile="cpu"), None),  # the quick profile departs by design
         (
+            {
+                **recorded(texture_root="/dtd", fg_root="/fg"),
+                "profile": {"name": "paper", "subtle_share": 0.5},
+            },
+            "subtle anomaly appearances for a share 0.5 of anomalies (subtle_share)",
+        ),
+        ({**recorded(texture_root="/dtd", fg_root="/fg"), "profile": PROFILES["paper"].to_dict()}, None),
+        (
             {"profile": {"name": "paper"}, "dataset": "folder", "category": "mine"},
             f"{TEXTURES}; {foreground('mine')}",
         ),

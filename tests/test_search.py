@@ -104,6 +104,7 @@ def test_builtin_spaces_parse_and_are_listed(capsys):
         ({"profile_overrides": {"lr": "fast"}}, "profile_overrides: profile field lr='fast': expected float"),
         ({"profile_overrides": {"bf16": "yes"}}, "profile field bf16='yes': expected bool"),
         ({"profile_overrides": {"grad_clip": -1.0}}, "grad_clip=-1.0: expected 0 (no clipping) or more"),
+        ({"profile_overrides": {"subtle_share": 2.0}}, "subtle_share=2.0: expected a share from 0 to 1"),
         ({"training": {"params": {"momentum": {"low": 0.1, "high": 0.9}}}}, "training.params: unknown"),
     ],
 )

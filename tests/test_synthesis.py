@@ -14,6 +14,7 @@ from PIL import Image
 from tfsearch.errors import InputError
 from tfsearch.synthesis import (
     AUGMENTATIONS,
+    SUBTLE_SHIFT,
     AnomalySynthesizer,
     augment,
     autocontrast,
@@ -28,10 +29,12 @@ from tfsearch.synthesis import (
     perlin_masks,
     perlin_noise,
     posterize,
+    rotate,
     sharpness,
     simulated_masks,
     simulated_thresholds,
     solarize,
+    subtle_appearance,
 )
 
 
@@ -149,6 +152,57 @@ def test_bank_of_another_size_is_resized_per_batch():
     sources, from_texture = AnomalySynthesizer(16, bank).draw_sources(signed_images(40, 16), seeded(11))
     assert sources.shape == (40, 3, 16, 16)
     assert torch.allclose(sources[from_texture], torch.tensor(200.0), atol=1e-3)
+
+
+def test_rotate_magnifies_about_the_centre():
+    ramp = torch.arange(8.0).expand(2, 3, 8, 8)  # value = column
+    magnified = rotate(ramp, torch.zeros(2), magnify=torch.tensor([2.0, 0.5]), padding="reflection")
+    centre = 3.5
+    assert torch.allclose(magnified[0, 0, 0], centre + (torch.arange(8.0) - centre) / 2, atol=1e-5)
+    shrunk = magnified[1, 0, 0]  # twice the slope, mirrored back into the image at the edges
+    assert torch.allclose(shrunk[2:6], centre + (torch.arange(2.0, 6.0) - centre) * 2, atol=1e-5)
+    assert shrunk.min() >= 0 and shrunk.max() <= 7
+
+
+def test_subtle_appearance_is_a_bounded_colour_shift_or_a_resampled_copy():
+    # a flat grey image: a resampled copy stays flat and the same colour; a shift moves every pixel alike
+    grey = torch.full((400, 3, 16, 16), 128.0)
+    subtle = subtle_appearance(grey, seeded(20))
+    assert subtle.shape == grey.shape
+    offsets = (subtle - grey).flatten(2)
+    assert torch.allclose(offsets, offsets[..., :1], atol=1e-3)  # one offset per image and channel
+    lengths = offsets[..., 0].norm(dim=1)
+    resampled = lengths < 1e-3
+    assert 0.4 < resampled.float().mean() < 0.6
+    low, high = SUBTLE_SHIFT
+    assert (lengths[~resampled] > low - 1e-3).all() and (lengths[~resampled] < high + 1e-3).all()
+    directions = offsets[~resampled, :, 0] / lengths[~resampled, None]
+    assert (directions > 0).any(0).all() and (directions < 0).any(0).all()  # every channel, either way
+
+    # a striped image (levels 60-180, so no shift clips): the resampled copies are not a uniform shift
+    stripes = (60 + torch.arange(16.0) % 4 * 40).expand(50, 3, 16, 16).clone()
+    subtle = subtle_appearance(stripes, seeded(21))
+    assert subtle.min() >= 0 and subtle.max() <= 255
+    changed = (subtle - stripes).flatten(2)
+    is_shift = torch.isclose(changed, changed[..., :1], atol=1e-3).flatten(1).all(1)
+    assert (~is_shift).any() and is_shift.any()
+    assert torch.equal(subtle_appearance(stripes, seeded(21)), subtle)
+
+
+def test_subtle_share_replaces_that_share_of_appearances_and_leaves_the_others_as_drawn():
+    size, count = 16, 300
+    flat = torch.full((count, 3, size, size), 0.2)
+    paper = AnomalySynthesizer(size).appearance(flat, seeded(22))
+    mixed = AnomalySynthesizer(size, subtle_share=0.5).appearance(flat, seeded(22))
+    # the subtle draws come after the paper's: the samples that changed are the subtle share, and on a flat
+    # image a subtle appearance is flat, within SUBTLE_SHIFT levels of the image's colour
+    changed = (mixed != paper).flatten(1).any(1)
+    assert 0.4 < changed.float().mean() < 0.6
+    offsets = ((mixed[changed] - flat[changed]) * 127.5).flatten(2)
+    assert torch.allclose(offsets, offsets[..., :1], atol=0.05)
+    assert (offsets[..., 0].norm(dim=1) <= SUBTLE_SHIFT[1] + 0.5).all()
+    with pytest.raises(ValueError, match="subtle_share=1.5"):
+        AnomalySynthesizer(size, subtle_share=1.5)
 
 
 def test_synthesizer_rejects_bad_sizes():

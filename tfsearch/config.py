@@ -40,6 +40,9 @@ class Profile:
     rotation_prob: float = 0.3
     rotation_degrees: float = 20.0
     focal_weight: float = 5.0
+    # share of the synthetic anomalies whose appearance is the image itself, mildly changed (a colour shift or
+    # a rescaled, turned copy: tfsearch.synthesis.subtle_appearance); 0 is the paper's synthesis
+    subtle_share: float = 0.0
     # largest gradient norm per optimiser step; 0 leaves gradients as they are (the paper clips none)
     grad_clip: float = 0.0
     # autocast the network to bfloat16 where the device computes it natively (`--precision auto`)
@@ -70,6 +73,8 @@ class Profile:
                 raise ValueError(f"profile field {field.name}={value!r}: expected {type(default).__name__}")
         if self.grad_clip < 0:
             raise ValueError(f"profile field grad_clip={self.grad_clip}: expected 0 (no clipping) or more")
+        if not 0 <= self.subtle_share <= 1:
+            raise ValueError(f"profile field subtle_share={self.subtle_share}: expected a share from 0 to 1")
 
     def milestones(self, every: int | None = None) -> tuple[int, ...]:
         """Milestone epochs: every `every` epochs, always ending on the final epoch."""

@@ -2,8 +2,9 @@
 
 The paper trains with anomaly textures from DTD and, on object categories, places anomalies on the released
 foreground masks. Without `--texture-root` tfsearch draws procedural textures instead, and without
-`--fg-root` it estimates an object's foreground from the image border (`tfsearch.synthesis`). Both are fine
-for a quick run and wrong for a reproduction, so a job of the `paper` profile that lacks them says so:
+`--fg-root` it estimates an object's foreground from the image border (`tfsearch.synthesis`), and a profile
+override `subtle_share` adds anomaly appearances the paper never draws. All are fine for a quick run and wrong
+for a reproduction, so a job of the `paper` profile that lacks them says so:
 `tfsearch train` and every training trial print it (`Trainer.start`), the run's driver prints it once
 (`ProgressView`), and the report lists it under the run. All of them ask `paper_protocol_note`.
 """
@@ -30,6 +31,11 @@ def paper_protocol_note(recorded: Mapping[str, Any]) -> str | None:
     departures = []
     if recorded.get("texture_root") is None:
         departures.append("procedural anomaly textures instead of DTD (--texture-root DTD/images)")
+    subtle_share = recorded["profile"].get("subtle_share", 0.0)
+    if subtle_share > 0:
+        departures.append(
+            f"subtle anomaly appearances for a share {subtle_share:g} of anomalies (subtle_share)"
+        )
     objects = [c for c in categories if not is_texture_category(dataset, c)]
     if objects and not recorded.get("restrict_to_foreground", True):
         departures.append(

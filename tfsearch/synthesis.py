@@ -16,6 +16,10 @@ Deliberate departures from the original:
 - Without a DTD texture bank the texture source is procedural (random two-colour blobs, stripes or checkers).
 - Foreground masks can be estimated from the image (median border colour as background) when no mask folder
   is given; the original needs SAM-made mask files.
+- A profile may give a share of the anomalies a subtle appearance (`subtle_appearance`: the image itself with
+  a mild colour shift, or resampled at another scale and angle), a source the paper never draws. No built-in
+  profile does: on the realistic demo it sharpened the quick profile's maps but did not raise its image
+  AUROC (bench/README.md, "A subtle anomaly source"); `profile_overrides: {subtle_share: 0.5}` turns it on.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ MASK_THRESHOLD = 0.5  # M = 1[|P| > 0.5]
 TEXTURE_PROBABILITY = 0.5  # A from a texture, else from the grid-shuffled image itself
 GRID_CELLS = 8  # the structure source is cut into GRID_CELLS x GRID_CELLS cells
 OPS_PER_IMAGE = 3  # distinct augmentations per image, drawn without replacement
+# subtle appearances (a departure, off in every built-in profile): a colour shift of this many 0-255 levels
+# (Euclidean RGB length, uniform direction), or the image magnified or shrunk by a factor drawn from
+# SUBTLE_ZOOM (either way, with p = 1/2) and turned by SUBTLE_TURN degrees (either way)
+SUBTLE_SHIFT = (8.0, 40.0)
+SUBTLE_ZOOM = (1.4, 2.5)
+SUBTLE_TURN = (20.0, 90.0)
 FG_DILATION = np.ones((1, 5, 5), dtype=bool)  # one 5x5 dilation of every foreground mask (per image)
 # foreground estimation: colour distance (0-255 RGB, Euclidean) above which a pixel is not background
 FG_MIN_DISTANCE = 30.0
@@ -69,14 +79,23 @@ def _uniform(
     return low + (high - low) * torch.rand(shape, device=device, generator=generator)
 
 
-def rotate(images: torch.Tensor, degrees: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def rotate(
+    images: torch.Tensor,
+    degrees: torch.Tensor,
+    mode: str = "bilinear",
+    *,
+    magnify: torch.Tensor | None = None,
+    padding: str = "zeros",
+) -> torch.Tensor:
     """Rotate each (square) image about its centre by its own angle, zero fill; bilinear as imgaug's Affine,
-    nearest as torchvision's rotate in the trainer's geometric augmentation."""
+    nearest as torchvision's rotate in the trainer's geometric augmentation. `magnify` (B,) also scales each
+    image about its centre (2 doubles it); `padding` is grid_sample's fill outside the image."""
     radians = torch.deg2rad(degrees.to(images.dtype))
-    cos, sin, zero = torch.cos(radians), torch.sin(radians), torch.zeros_like(radians)
+    reach = 1 / magnify.to(images.dtype) if magnify is not None else torch.ones_like(radians)
+    cos, sin, zero = reach * torch.cos(radians), reach * torch.sin(radians), torch.zeros_like(radians)
     theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def _fade(t: torch.Tensor) -> torch.Tensor:
@@ -305,6 +324,31 @@ def grid_shuffle(
     return shuffled.reshape(count, channels, height, width)
 
 
+def subtle_appearance(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The images themselves (float (n,3,H,W) in [0,255]), each changed one way at random: a colour shift of
+    `SUBTLE_SHIFT` levels in a random RGB direction, or a copy magnified or shrunk (`SUBTLE_ZOOM`) and turned
+    (`SUBTLE_TURN`) about the centre, mirrored at the border. Seen through a Perlin mask these are local
+    tints and patches of the same material at another scale and angle."""
+    count = images.shape[0]
+    device, dtype = images.device, images.dtype
+    direction = torch.randn(count, 3, device=device, generator=generator)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    length = _uniform((count, 1), *SUBTLE_SHIFT, device=device, generator=generator)
+    shifted = (images + (length * direction).view(count, 3, 1, 1).to(dtype)).clamp(0, 255)
+
+    def signed(low_high: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A magnitude drawn from `low_high` and a sign ±1, per image."""
+        sign = torch.randint(0, 2, (count,), device=device, generator=generator) * 2 - 1
+        return _uniform((count,), *low_high, device=device, generator=generator), sign
+
+    zoom, zoom_sign = signed(SUBTLE_ZOOM)
+    turn, turn_sign = signed(SUBTLE_TURN)
+    resampled = rotate(images, turn * turn_sign, magnify=zoom**zoom_sign, padding="reflection")
+
+    take_shift = torch.rand(count, device=device, generator=generator) < 0.5
+    return torch.where(take_shift.view(-1, 1, 1, 1), shifted, resampled.clamp(0, 255))
+
+
 # ------------------------------------------------------------------------------------------------ textures
 
 
@@ -359,7 +403,11 @@ def load_texture_bank(
 class AnomalySynthesizer:
     """Makes (ε = M⊙A, M, M_a) for a batch of normal images, every sample with an anomaly (method.md §5)."""
 
-    def __init__(self, image_size: int, texture_bank: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, image_size: int, texture_bank: torch.Tensor | None = None, subtle_share: float = 0.0
+    ) -> None:
+        if not 0.0 <= subtle_share <= 1.0:
+            raise ValueError(f"subtle_share={subtle_share}: expected a share between 0 and 1")
         if image_size < GRID_CELLS or image_size % GRID_CELLS:
             raise InputError(
                 f"image size {image_size}: anomaly synthesis needs a multiple of {GRID_CELLS} "
@@ -377,6 +425,7 @@ class AnomalySynthesizer:
             )
         self.image_size = image_size
         self.texture_bank = texture_bank
+        self.subtle_share = subtle_share
 
     def _textures(self, batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
         if self.texture_bank is None:
@@ -400,11 +449,18 @@ class AnomalySynthesizer:
         return torch.where(from_texture.view(-1, 1, 1, 1), textures, own), from_texture
 
     def appearance(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Anomaly appearance A in [−1,1]: augmented texture, or augmented and grid-shuffled image itself."""
+        """Anomaly appearance A in [−1,1]: augmented texture, or augmented and grid-shuffled image itself; a
+        `subtle_share` of the samples instead take `subtle_appearance` of their own image. With no subtle
+        share no random number is drawn for it, so the paper's synthesis stays as it was."""
         sources, from_texture = self.draw_sources(x0, generator)
         augmented = augment(sources, generator)
         shuffled = grid_shuffle(augmented, GRID_CELLS, generator)
-        return torch.where(from_texture.view(-1, 1, 1, 1), augmented, shuffled) / 127.5 - 1
+        appearance = torch.where(from_texture.view(-1, 1, 1, 1), augmented, shuffled)
+        if self.subtle_share > 0:
+            subtle = torch.rand(x0.shape[0], device=x0.device, generator=generator) < self.subtle_share
+            own = ((x0.float() + 1) * 127.5).round().clamp(0, 255)
+            appearance = torch.where(subtle.view(-1, 1, 1, 1), subtle_appearance(own, generator), appearance)
+        return appearance / 127.5 - 1
 
     @torch.no_grad()
     def __call__(

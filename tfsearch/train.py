@@ -422,7 +422,9 @@ class Trainer:
     def _ensure_data(self) -> PreparedData:
         if self.data is None:
             self.data = prepare_data(self.job, self.device, self.runtime.loader_workers)
-            self.synthesizer = AnomalySynthesizer(self.profile.image_size, self.data.texture_bank)
+            self.synthesizer = AnomalySynthesizer(
+                self.profile.image_size, self.data.texture_bank, self.profile.subtle_share
+            )
         return self.data
 
     # --- training
