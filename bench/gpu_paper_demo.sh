@@ -10,7 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-tfsearch() { python3 -m tfsearch.cli "$@"; }
+# `tfsearch train` and `tfsearch evaluate` alone, so that Ray, Optuna and W&B are not imported
+tfsearch() {
+  python3 -c 'import sys; from tfsearch.cli import main
+sys.exit(main(sys.argv[1:], modules=("tfsearch.train", "tfsearch.evaluate")))' "$@"
+}
 category=${1:-marble}
 budget=${2:-400}
 device=${DEVICE:-cuda}

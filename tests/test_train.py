@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +236,19 @@ def test_bad_train_input(args, message, tmp_path, demo_dataset_root, capsys):
         args = [*args, "--data-root", str(demo_dataset_root)]
     assert main(["train", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_and_evaluate_need_neither_ray_nor_optuna_nor_wandb():
+    """A GPU image without them runs bench/gpu_paper_demo.sh: the two subcommands alone import none."""
+    code = (
+        "import sys\n"
+        "for name in ('ray', 'optuna', 'wandb'): sys.modules[name] = None  # importing it now fails\n"
+        "from tfsearch.cli import build_parser\n"
+        "parser = build_parser(('tfsearch.train', 'tfsearch.evaluate'))\n"
+        "argvs = (['evaluate', 'RUN'], ['train', '--out', 'R'])\n"
+        "commands = [parser.parse_args(argv).command for argv in argvs]\n"
+        "print(*commands)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["evaluate", "train"]

@@ -24,16 +24,18 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser of the subcommands of `modules`; a subset imports only what those need (a GPU image
+    without Ray or Optuna can still train and evaluate: bench/gpu_paper_demo.sh)."""
     parser = argparse.ArgumentParser(prog="tfsearch", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
