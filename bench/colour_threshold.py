@@ -142,8 +142,9 @@ def main() -> None:
             rgb = ", ".join(f"{value:+.2f}" for value in direction)
             for level in args.levels:
                 maps = maps_of(shifted(good, disc, level * direction))
-                result = auroc(labels, np.r_[baseline, image_scores(maps)])
-                inside = maps[:, near].max(axis=1) >= image_scores(maps)
+                scores = image_scores(maps)
+                result = auroc(labels, np.r_[baseline, scores])
+                inside = maps[:, near].max(axis=1) >= scores
                 cells = [model, name, rgb, f"{level:.0f}", f"{100 * result:.1f}", f"{inside.mean():.2f}"]
                 print(f"| {' | '.join(cells)} |", flush=True)
 

@@ -8,6 +8,8 @@
 # from the source tree (no install). About 2 minutes besides the budget. Files land in $OUT (a new temporary
 # folder without it): speed.txt and the training run.
 set -euo pipefail
+out=$(realpath -m "${OUT:-$(mktemp -d)}")  # before the cd: a relative $OUT is the caller's
+mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # `tfsearch train` and `tfsearch evaluate` alone, so that Ray, Optuna and W&B are not imported
@@ -17,10 +19,18 @@ sys.exit(main(sys.argv[1:], modules=("tfsearch.train", "tfsearch.evaluate")))' "
 }
 category=${1:-marble}
 budget=${2:-400}
+categories=$(python3 -c 'from tfsearch.demo_real import REALISTIC_CATEGORIES as c; print(" ".join(c))')
+if [[ " $categories " != *" $category "* ]]; then
+  echo "gpu_paper_demo.sh: CATEGORY $category: expected one of the realistic demo's: $categories" >&2
+  exit 2
+fi
+if ! [[ $budget =~ ^[0-9]+$ ]] || ((budget < 1)); then
+  echo "gpu_paper_demo.sh: BUDGET_S $budget: expected a whole number of seconds above 0" >&2
+  exit 2
+fi
 device=${DEVICE:-cuda}
 profile=${PROFILE:-paper}
 precision=${PRECISION:-bf16}
-out=${OUT:-$(mktemp -d)}
 run="$out/$profile-$category"
 if [[ $device == cuda* ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -87,9 +87,9 @@ def rotate(
     magnify: torch.Tensor | None = None,
     padding: str = "zeros",
 ) -> torch.Tensor:
-    """Rotate each (square) image about its centre by its own angle, zero fill; bilinear as imgaug's Affine,
-    nearest as torchvision's rotate in the trainer's geometric augmentation. `magnify` (B,) also scales each
-    image about its centre (2 doubles it); `padding` is grid_sample's fill outside the image."""
+    """Rotate each (square) image about its centre by its own angle; bilinear as imgaug's Affine, nearest as
+    torchvision's rotate in the trainer's geometric augmentation. `magnify` (B,) also scales each image about
+    its centre (2 doubles it); `padding` is grid_sample's fill outside the image (zeros by default)."""
     radians = torch.deg2rad(degrees.to(images.dtype))
     reach = 1 / magnify.to(images.dtype) if magnify is not None else torch.ones_like(radians)
     cos, sin, zero = reach * torch.cos(radians), reach * torch.sin(radians), torch.zeros_like(radians)
@@ -400,6 +400,11 @@ def load_texture_bank(
 # ------------------------------------------------------------------------------------------------ synthesis
 
 
+def _levels(x0: torch.Tensor) -> torch.Tensor:
+    """Images in [−1,1] as float 0-255 levels, rounded as the uint8 images they came from."""
+    return ((x0.float() + 1) * 127.5).round().clamp(0, 255)
+
+
 class AnomalySynthesizer:
     """Makes (ε = M⊙A, M, M_a) for a batch of normal images, every sample with an anomaly (method.md §5)."""
 
@@ -445,8 +450,7 @@ class AnomalySynthesizer:
         batch = x0.shape[0]
         from_texture = torch.rand(batch, device=x0.device, generator=generator) < TEXTURE_PROBABILITY
         textures = self._textures(batch, x0.device, generator)
-        own = ((x0.float() + 1) * 127.5).round().clamp(0, 255)
-        return torch.where(from_texture.view(-1, 1, 1, 1), textures, own), from_texture
+        return torch.where(from_texture.view(-1, 1, 1, 1), textures, _levels(x0)), from_texture
 
     def appearance(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Anomaly appearance A in [−1,1]: augmented texture, or augmented and grid-shuffled image itself; a
@@ -458,8 +462,8 @@ class AnomalySynthesizer:
         appearance = torch.where(from_texture.view(-1, 1, 1, 1), augmented, shuffled)
         if self.subtle_share > 0:
             subtle = torch.rand(x0.shape[0], device=x0.device, generator=generator) < self.subtle_share
-            own = ((x0.float() + 1) * 127.5).round().clamp(0, 255)
-            appearance = torch.where(subtle.view(-1, 1, 1, 1), subtle_appearance(own, generator), appearance)
+            own = subtle_appearance(_levels(x0), generator)
+            appearance = torch.where(subtle.view(-1, 1, 1, 1), own, appearance)
         return appearance / 127.5 - 1
 
     @torch.no_grad()
