@@ -6,7 +6,7 @@
 
 Each variant is the `--profile` (default `cpu`: 64 px, 16 channels, 40 epochs, lr 1e-3) with some fields
 changed (`VARIANTS`; `base` changes nothing, `subtle` gives half the anomalies the subtle appearances of
-`tfsearch.synthesis`), or with real-photograph-like anomaly sources: `textures` gives the anomaly synthesiser,
+`tfsearch.transfusion.synthesis`), or with real-photograph-like anomaly sources: `textures` gives the anomaly synthesiser,
 in place of the procedural textures, a DTD-layout folder made of the good training images of the realistic
 demo's other categories; `a+b` combines variants. Every (variant, category) trains from scratch on `--dataset
 demo_real` (the profile's seed, 3) with one milestone, the last epoch, in the profile's precision
@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from bench.patch_gaussian import PATCH_AT_128, evaluate_category
-from tfsearch.config import PROFILES, get_profile
-from tfsearch.demo import realistic_demo_root
-from tfsearch.demo_real import REALISTIC_CATEGORIES
-from tfsearch.evaluate import evaluate_run
-from tfsearch.train import Runtime, TrainJob, train
+from tfsearch.data.demo import realistic_demo_root
+from tfsearch.data.demo_real import REALISTIC_CATEGORIES
+from tfsearch.transfusion.evaluation import evaluate_run
+from tfsearch.transfusion.profiles import PROFILES, get_profile
+from tfsearch.transfusion.trainer import Runtime, TrainJob, train
 
 # profile fields changed from the base profile, per variant (`textures` changes the anomaly source instead)
 VARIANTS: dict[str, dict[str, object]] = {

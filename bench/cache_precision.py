@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tfsearch.config import get_profile
-from tfsearch.demo import demo_root
-from tfsearch.inference import anomaly_maps
-from tfsearch.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
-from tfsearch.train import Runtime, Trainer, TrainJob
+from tfsearch.data.demo import demo_root
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
+from tfsearch.transfusion.inference import anomaly_maps
+from tfsearch.transfusion.profiles import get_profile
+from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob
 
 
 def compare(category: str, epochs: int, folder: Path) -> float:

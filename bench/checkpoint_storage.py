@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tfsearch.config import get_profile
-from tfsearch.train import Trainer, TrainJob
+from tfsearch.transfusion.profiles import get_profile
+from tfsearch.transfusion.trainer import Trainer, TrainJob
 
 
 def saved_bytes(state: dict) -> int:

@@ -2,7 +2,7 @@
 
     python bench/cluster.py --workers 3 --categories disk,nut,stripes --seeds 2 --epochs 10
 
-The cluster is `tfsearch.fake_cluster`: a head with no CPUs or GPUs for work, and worker nodes of
+The cluster is `tfsearch.infra.fake_cluster`: a head with no CPUs or GPUs for work, and worker nodes of
 {CPU: 1, GPU: 1} that Ray's autoscaler starts on demand, up to `--workers` (all of them processes on this
 machine, sharing its cores). `tfsearch run --space single` trains every category × seed there with one GPU
 per trial (`--allow-cpu`: the GPUs are logical), then the same search runs on this machine as one node, its
@@ -26,8 +26,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tfsearch.demo import write_demo
-from tfsearch.fake_cluster import FakeAutoscalingCluster
+from tfsearch.data.demo import write_demo
+from tfsearch.infra.fake_cluster import FakeAutoscalingCluster
 
 # run on the cluster as a driver of its own (Ray reads the cluster's token when it is imported): every
 # actor's class, node and lifetime, from the GCS (there is no dashboard to ask)

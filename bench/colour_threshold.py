@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from bench.patch_gaussian import PATCH_AT_128, PatchGaussian
-from tfsearch import data as datasets
-from tfsearch.demo_real import TINTS
+from tfsearch.data import datasets
+from tfsearch.data.demo_real import TINTS
 from tfsearch.errors import InputError
-from tfsearch.inference import anomaly_maps
-from tfsearch.metrics import auroc, fuse, image_scores
-from tfsearch.train import Runtime, TrainDir, Trainer
+from tfsearch.maps.metrics import auroc, fuse, image_scores
+from tfsearch.transfusion.inference import anomaly_maps
+from tfsearch.transfusion.trainer import Runtime, TrainDir, Trainer
 
 
 def colour_axes(train_images: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,11 +15,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # `tfsearch train` and `tfsearch evaluate` alone, so that Ray, Optuna and W&B are not imported
 tfsearch() {
   python3 -c 'import sys; from tfsearch.cli import main
-sys.exit(main(sys.argv[1:], modules=("tfsearch.train", "tfsearch.evaluate")))' "$@"
+sys.exit(main(sys.argv[1:], modules=("tfsearch.transfusion.trainer", "tfsearch.transfusion.evaluation")))' "$@"
 }
 category=${1:-marble}
 budget=${2:-400}
-categories=$(python3 -c 'from tfsearch.demo_real import REALISTIC_CATEGORIES as c; print(" ".join(c))')
+categories=$(python3 -c 'from tfsearch.data.demo_real import REALISTIC_CATEGORIES as c; print(" ".join(c))')
 if [[ " $categories " != *" $category "* ]]; then
   echo "gpu_paper_demo.sh: CATEGORY $category: expected one of the realistic demo's: $categories" >&2
   exit 2
@@ -41,7 +41,7 @@ rate=$(awk -F': ' '/^train_images_per_second:/ {print $2}' "$out/speed.txt")
 epochs=$(python3 - "$rate" "$budget" "$category" <<'EOF'
 import sys
 
-from tfsearch.demo import realistic_demo_root
+from tfsearch.data.demo import realistic_demo_root
 
 rate, budget, category = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 images = len(list((realistic_demo_root() / category / "train" / "good").glob("*.png")))

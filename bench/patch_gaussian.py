@@ -23,9 +23,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from scipy import linalg
 
-from tfsearch import data as datasets
+from tfsearch.data import datasets
 from tfsearch.errors import InputError
-from tfsearch.metrics import GroundTruth, evaluate, per_kind
+from tfsearch.maps.metrics import GroundTruth, evaluate, per_kind
 
 # patch side at 128 px; other sizes scale it (4 px at 64), as one patch then covers the same image area
 PATCH_AT_128 = 8

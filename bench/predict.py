@@ -4,10 +4,10 @@
     python bench/predict.py --profile paper --images 2      # ~30 s per image on 2 CPU cores
 
 Both paths score the same test images of one category with a model at its final milestone (its weights
-as initialised: throughput does not depend on training). `evaluate` is `tfsearch.evaluate.evaluate_run` on a
+as initialised: throughput does not depend on training). `evaluate` is `tfsearch.transfusion.evaluation.evaluate_run` on a
 training run that has a checkpoint but no maps yet: it decodes the category (training images, foreground,
 test set), runs the reverse process at the profile's inference batch, caches the maps and computes the
-metrics. `predict` is `tfsearch.detector.run_prediction` on an export of that checkpoint: it checks and
+metrics. `predict` is `tfsearch.deploy.detector.run_prediction` on an export of that checkpoint: it checks and
 decodes the images, runs the reverse process, fuses, and writes a TIFF map, an overlay PNG and scores.csv.
 Both are timed at batch 1 and 16 (at most the number of images), wall clock including their one-off costs.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from tfsearch.config import get_profile
-from tfsearch.demo import demo_root
-from tfsearch.detector import run_prediction
-from tfsearch.evaluate import evaluate_run
-from tfsearch.export import Selected, export_category
-from tfsearch.train import Runtime, Trainer, TrainJob
+from tfsearch.data.demo import demo_root
+from tfsearch.deploy.detector import run_prediction
+from tfsearch.deploy.export import Selected, export_category
+from tfsearch.transfusion.evaluation import evaluate_run
+from tfsearch.transfusion.profiles import get_profile
+from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob
 
 CATEGORY = "stripes"
 

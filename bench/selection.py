@@ -35,11 +35,11 @@ import numpy as np
 import optuna
 from scipy import ndimage
 
-import tfsearch.selection
-from tfsearch.map_cache import MapSet, write_map_set
-from tfsearch.metrics import usable_cpus
-from tfsearch.selection import CandidateSet, Config, StudyPlan, run_study
-from tfsearch.spaces import parse_space
+import tfsearch.run.selection.candidates
+from tfsearch.maps.cache import MapSet, write_map_set
+from tfsearch.maps.metrics import usable_cpus
+from tfsearch.run.selection.candidates import CandidateSet, Config, StudyPlan, run_study
+from tfsearch.run.space import parse_space
 
 BEFORE = "41ba2c5"
 KERNELS = [1, 3, 5, 7, 9, 11, 15, 21]
@@ -73,13 +73,13 @@ def write_cache(root: Path, maps: int, size: int, milestones: int, seed: int = 0
 
 
 def load_before() -> types.ModuleType:
-    """`tfsearch.selection` as it was at `BEFORE`, over `tfsearch.metrics` of the same commit."""
+    """`tfsearch.run.selection.candidates` as it was at `BEFORE`, over `tfsearch.maps.metrics` of the same commit."""
     modules = {}
     for name in ("metrics", "selection"):
         source = subprocess.run(
             ["git", "show", f"{BEFORE}:tfsearch/{name}.py"], capture_output=True, text=True, check=True
         ).stdout
-        source = source.replace("from tfsearch.metrics import", "from tfsearch_before_metrics import")
+        source = source.replace("from tfsearch.maps.metrics import", "from tfsearch_before_metrics import")
         spec = importlib.util.spec_from_loader(f"tfsearch_before_{name}", loader=None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -126,7 +126,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.one_process:
-        tfsearch.selection.WORKER_MIN_PIXELS = math.inf
+        tfsearch.run.selection.candidates.WORKER_MIN_PIXELS = math.inf
     load_at_start = os.getloadavg()
     params = {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": KERNELS}}
     exhaustive = parse_space(
@@ -148,10 +148,10 @@ def main() -> None:
 
         # both storages opened before the clocks start: the first pays for importing SQLAlchemy and alembic
         storages = storage(root, "exhaustive"), storage(root, "tpe")
-        writes = timing(tfsearch.selection, "add_finished_trials")  # the storage writes
+        writes = timing(tfsearch.run.selection.candidates, "add_finished_trials")  # the storage writes
         # box filters and hull candidates: in worker processes, a milestone each, or per milestone in-process
         maxima = timing(CandidateSet, "prepare_maxima")
-        in_process = timing(tfsearch.selection, "image_maxima")
+        in_process = timing(tfsearch.run.selection.candidates, "image_maxima")
         started = time.perf_counter()
         plan = StudyPlan("x/c", exhaustive, {"c": CandidateSet(dirs, tuple(KERNELS))}, checkpoints, default)
         study = run_study(storages[0], plan)

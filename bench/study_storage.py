@@ -4,7 +4,7 @@
 
 Each way adds the same finished trials to a fresh study, then a fresh storage object reads them back (as
 `tables.py` does for `trials.csv`): Optuna's `Study.add_trials` into SQLite (`RDBStorage`) and into a journal
-file (`JournalStorage`), and `tfsearch.studies.add_finished_trials` into SQLite (one transaction).
+file (`JournalStorage`), and `tfsearch.store.studies.add_finished_trials` into SQLite (one transaction).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 
 from bench.selection import KERNELS
-from tfsearch.studies import add_finished_trials, open_studies
+from tfsearch.store.studies import add_finished_trials, open_studies
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -24,10 +24,10 @@ import torch
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from tfsearch.config import get_profile
-    from tfsearch.data import DEMO_CATEGORIES
-    from tfsearch.inference import anomaly_maps
-    from tfsearch.train import Runtime, Trainer, TrainJob, to_signed
+    from tfsearch.data.datasets import DEMO_CATEGORIES
+    from tfsearch.transfusion.inference import anomaly_maps
+    from tfsearch.transfusion.profiles import get_profile
+    from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob, to_signed
 
     profile = get_profile(args.profile, batch_size=args.batch)
     job = TrainJob(dataset="demo", category=args.category or DEMO_CATEGORIES[0], profile=profile)

@@ -26,8 +26,8 @@ CREDENTIALS = {
 }
 os.environ.update(CREDENTIALS)
 
-from tfsearch.demo import write_demo  # noqa: E402
-from tfsearch.fake_cluster import free_port  # noqa: E402
+from tfsearch.data.demo import write_demo  # noqa: E402
+from tfsearch.infra.fake_cluster import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,9 +66,9 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, demo_dataset_root: Path
     from test_search import run_args, write_space
 
     from tfsearch.cli import build_parser
-    from tfsearch.plan import make_plan
-    from tfsearch.search import execute
-    from tfsearch.trainable import train_category
+    from tfsearch.run.pipeline import execute
+    from tfsearch.run.plan import make_plan
+    from tfsearch.run.training.trainable import train_category
 
     root = tmp_path_factory.mktemp("shared-run")
     (root / "mv").symlink_to(demo_dataset_root)

@@ -25,7 +25,7 @@ import yaml
 from conftest import CREDENTIALS
 from test_search import TINY, read_rows, write_space
 
-from tfsearch.fake_cluster import FakeAutoscalingCluster
+from tfsearch.infra.fake_cluster import FakeAutoscalingCluster
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfsearch.demo_real import TINTS
+from tfsearch.data.demo_real import TINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

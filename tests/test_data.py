@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfsearch.data import (
+from tfsearch.data.datasets import (
     DATASETS,
     MVTEC_CATEGORIES,
     TEXTURE_CATEGORIES,

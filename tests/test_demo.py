@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfsearch import demo
-from tfsearch.data import list_categories, load_category, load_image, load_masks
-from tfsearch.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, write_demo
+from tfsearch.data import demo
+from tfsearch.data.datasets import list_categories, load_category, load_image, load_masks
+from tfsearch.data.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, write_demo
 from tfsearch.errors import InputError
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tfsearch import demo, demo_real
 from tfsearch.cli import build_parser
-from tfsearch.data import is_texture_category, list_categories, load_category, load_masks
-from tfsearch.demo import Counts, realistic_demo_root, write_realistic_demo
-from tfsearch.demo_real import REALISTIC_CATEGORIES, REALISTIC_KINDS
-from tfsearch.plan import make_plan
+from tfsearch.data import demo, demo_real
+from tfsearch.data.datasets import is_texture_category, list_categories, load_category, load_masks
+from tfsearch.data.demo import Counts, realistic_demo_root, write_realistic_demo
+from tfsearch.data.demo_real import REALISTIC_CATEGORIES, REALISTIC_KINDS
+from tfsearch.run.plan import make_plan
 
 # one image per folder: every category, every kind, in a couple of seconds
 TINY = Counts(train=2, good_test=1, per_kind=1)

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 
 from tfsearch.cli import main
-from tfsearch.config import Profile
-from tfsearch.detector import Detector, resized
+from tfsearch.deploy.detector import Detector, resized
+from tfsearch.deploy.export import choose_threshold, read_export
 from tfsearch.errors import InputError
-from tfsearch.export import choose_threshold, read_export
-from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import auroc, fuse, image_scores
-from tfsearch.score import read_map
-from tfsearch.train import TrainDir
-from tfsearch.unet import TransFusionUNet
+from tfsearch.maps.cache import read_map_set
+from tfsearch.maps.metrics import auroc, fuse, image_scores
+from tfsearch.maps.score import read_map
+from tfsearch.transfusion.profiles import Profile
+from tfsearch.transfusion.trainer import TrainDir
+from tfsearch.transfusion.unet import TransFusionUNet
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -275,7 +275,7 @@ def test_export_reads_checkpoints_and_maps_from_an_object_store(exported, tmp_pa
     """A run whose training runs live in s3:// (a moto server on 127.0.0.1) exports the same model."""
     from conftest import BUCKET, s3_uri
 
-    from tfsearch.storage import Location
+    from tfsearch.store.location import Location
 
     run_dir, export = exported
     uri = s3_uri(s3_endpoint, f"{BUCKET}/pc")

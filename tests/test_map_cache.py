@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tfsearch.errors import InputError
-from tfsearch.map_cache import MapSet, map_set_exists, read_map_set, write_map_set
+from tfsearch.maps.cache import MapSet, map_set_exists, read_map_set, write_map_set
 
 
 def make_map_set(seed: int = 0, n: int = 4, height: int = 6, width: int = 13) -> MapSet:

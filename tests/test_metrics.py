@@ -12,7 +12,7 @@ from scipy.signal import convolve2d
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tfsearch.errors import InputError
-from tfsearch.metrics import (
+from tfsearch.maps.metrics import (
     METRIC_NAMES,
     GroundTruth,
     MapFuser,

@@ -1,4 +1,4 @@
-"""Metrics per defect kind: `tfsearch.metrics.per_kind`, `tfsearch evaluate` (text and --json) and the
+"""Metrics per defect kind: `tfsearch.maps.metrics.per_kind`, `tfsearch evaluate` (text and --json) and the
 report's per-kind table, on map caches built with known image scores."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from test_report import make_run
 
 from tfsearch import report
 from tfsearch.cli import main
-from tfsearch.config import get_profile
-from tfsearch.data import defect_kind
+from tfsearch.data.datasets import defect_kind
 from tfsearch.errors import InputError
-from tfsearch.map_cache import MapSet, write_map_set
-from tfsearch.metrics import per_kind
-from tfsearch.run_folder import maps_folder
-from tfsearch.train import TrainJob
+from tfsearch.maps.cache import MapSet, write_map_set
+from tfsearch.maps.metrics import per_kind
+from tfsearch.store.run_folder import maps_folder
+from tfsearch.transfusion.profiles import get_profile
+from tfsearch.transfusion.trainer import TrainJob
 
 SIDE = 8
 # (kind, image score): each map's maximum; an anomalous map holds it on its defect pixels, 0.1 less elsewhere.

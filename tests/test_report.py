@@ -18,13 +18,13 @@ from conftest import inspect_offline_run
 
 from tfsearch import report
 from tfsearch.cli import main
-from tfsearch.config import PROFILES
 from tfsearch.errors import InputError
-from tfsearch.map_cache import MapSet, write_map_set
-from tfsearch.metrics import GroundTruth, evaluate, fuse
+from tfsearch.maps.cache import MapSet, write_map_set
+from tfsearch.maps.metrics import GroundTruth, evaluate, fuse
 from tfsearch.report.figures import KERNELS, LAMBDAS
 from tfsearch.report.published import normalise
-from tfsearch.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS
+from tfsearch.store.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS
+from tfsearch.transfusion.profiles import PROFILES
 
 METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
 # supplementary Tables 1-4 verbatim from transfusion_supplementary.txt: per table its header row, its
@@ -363,7 +363,7 @@ def test_sensitivity_curves_equal_brute_force_fuse_and_metrics(tmp_path):
     run = make_run(tmp_path, "demo", "demo", categories, profile="cpu", maps=True)
     shutil.rmtree(run / "train" / "grid")  # a category without maps is named, not silently dropped
     loaded = report.load_run(run)
-    from tfsearch.map_cache import read_map_set
+    from tfsearch.maps.cache import read_map_set
     from tfsearch.report.figures import run_curves
 
     curves = run_curves(loaded)
@@ -408,8 +408,8 @@ def test_no_maps_no_curve_and_no_candidate_fallback(tmp_path):
 def test_import_leaves_torch_ray_and_the_search_out():
     code = (
         "import sys, tfsearch.report\n"
-        "print([m for m in ('torch', 'ray', 'optuna', 'tfsearch.search', 'tfsearch.train',"
-        " 'tfsearch.selection')"
+        "print([m for m in ('torch', 'ray', 'optuna', 'tfsearch.run.pipeline', 'tfsearch.transfusion.trainer',"
+        " 'tfsearch.run.selection.candidates')"
         " if m in sys.modules])"
     )
     result = subprocess.run(

@@ -16,13 +16,13 @@ from test_search import TINY, read_rows, run_args, write_space
 
 from tfsearch.cli import build_parser, main
 from tfsearch.errors import InputError
-from tfsearch.plan import make_plan
-from tfsearch.search import execute
-from tfsearch.selection import Config, StudyPlan, run_study
-from tfsearch.spaces import parse_space
-from tfsearch.studies import STUDIES_DB, STUDIES_JOURNAL, filesystem_type, open_studies, studies_file
-from tfsearch.tables import candidate_rows
-from tfsearch.trainable import train_category
+from tfsearch.run.pipeline import execute
+from tfsearch.run.plan import make_plan
+from tfsearch.run.results import candidate_rows
+from tfsearch.run.selection.candidates import Config, StudyPlan, run_study
+from tfsearch.run.space import parse_space
+from tfsearch.run.training.trainable import train_category
+from tfsearch.store.studies import STUDIES_DB, STUDIES_JOURNAL, filesystem_type, open_studies, studies_file
 
 
 def plan_from(*argv: str):
@@ -101,7 +101,7 @@ def test_a_failed_category_fails_the_run_and_resume_retries_only_it(
     """On a shared file system (its studies in a journal): stripes fails for good, the run says so; resumed,
     it fails once more after its first milestone and is retried from that checkpoint; disk is never
     trained again."""
-    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "lustre")
+    monkeypatch.setattr("tfsearch.store.studies.filesystem_type", lambda path: "lustre")
     attempts = tmp_path / "attempts"
     trainable = stripes_fails(attempts)
     space = write_space(tmp_path)
@@ -177,7 +177,7 @@ def sampled_study_plan(candidates) -> StudyPlan:
 
 @pytest.mark.parametrize("studies", [STUDIES_DB, STUDIES_JOURNAL])
 def test_an_interrupted_study_evaluates_every_candidate_it_started_exactly_once(tmp_path, studies):
-    from tfsearch.selection import make_sampler, open_study, suggest
+    from tfsearch.run.selection.candidates import make_sampler, open_study, suggest
 
     storage = open_studies(tmp_path / studies)
     with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th fails
@@ -218,7 +218,7 @@ def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):
     assert filesystem_type(Path("/home/me"), mounts) == "ext4"
 
     assert studies_file(tmp_path) == tmp_path / STUDIES_DB  # a local disk here
-    monkeypatch.setattr("tfsearch.studies.filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr("tfsearch.store.studies.filesystem_type", lambda path: "nfs4")
     assert studies_file(tmp_path) == tmp_path / STUDIES_JOURNAL
     # a run keeps the form its studies were created in
     (tmp_path / STUDIES_DB).write_bytes(b"")
@@ -229,7 +229,7 @@ def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):
 def test_the_report_imports_neither_torch_nor_the_search():
     code = (
         "import sys, tfsearch.report\n"
-        "loaded = [m for m in ('torch', 'ray', 'tfsearch.search', 'tfsearch.train') if m in sys.modules]\n"
+        "loaded = [m for m in ('torch', 'ray', 'tfsearch.run.pipeline', 'tfsearch.transfusion.trainer') if m in sys.modules]\n"
         "print(loaded)"
     )
     result = subprocess.run(
@@ -272,8 +272,8 @@ def test_on_a_machine_without_gpu_a_paper_run_stops_and_a_bare_run_is_quick(
 def test_a_trial_holding_a_gpu_without_cuda_says_so_and_refuses_the_paper_profile(monkeypatch):
     import ray
 
-    from tfsearch.config import PROFILES
-    from tfsearch.trainable import check_device
+    from tfsearch.run.training.trainable import check_device
+    from tfsearch.transfusion.profiles import PROFILES
 
     context = SimpleNamespace(get_accelerator_ids=lambda: {"GPU": ["0"]})
     monkeypatch.setattr(ray, "get_runtime_context", lambda: context)

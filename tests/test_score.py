@@ -12,8 +12,8 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tfsearch.cli import main
-from tfsearch.data import load_category, load_masks
-from tfsearch.metrics import GroundTruth, evaluate
+from tfsearch.data.datasets import load_category, load_masks
+from tfsearch.maps.metrics import GroundTruth, evaluate
 
 SIDE = 16  # images, masks and maps are SIDE×SIDE unless a test says otherwise
 DEFECTS = {"000": (2, 9, 3, 8), "001": (10, 14, 1, 4), "002": (5, 7, 5, 7)}  # crack masks: y0, y1, x0, x1

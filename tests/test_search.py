@@ -14,13 +14,13 @@ import yaml
 
 from tfsearch.cli import main
 from tfsearch.errors import InputError
-from tfsearch.plan import RunPlan, make_plan, start_run
-from tfsearch.search import execute
-from tfsearch.selection_stage import Selection
-from tfsearch.spaces import builtin_spaces, load_space
-from tfsearch.train import TrainDir
-from tfsearch.trainable import train_category
-from tfsearch.training_stage import run_training
+from tfsearch.run.pipeline import execute
+from tfsearch.run.plan import RunPlan, make_plan, start_run
+from tfsearch.run.selection.stage import Selection
+from tfsearch.run.space import builtin_spaces, load_space
+from tfsearch.run.training.stage import run_training
+from tfsearch.run.training.trainable import train_category
+from tfsearch.transfusion.trainer import TrainDir
 
 TINY = {
     "name": "tiny",
@@ -189,7 +189,7 @@ def test_select_on_val_never_reads_test_labels(tmp_path, demo_dataset_root, ray_
     Selection(plan).finish(failed={})
     shutil.move(hidden, train_dir.root / "maps" / "test")
 
-    from tfsearch.tables import write_selected, write_trials
+    from tfsearch.run.results import write_selected, write_trials
 
     write_trials(plan)
     (row,) = write_selected(plan, failed={})
@@ -309,8 +309,8 @@ def test_each_category_has_its_own_searcher_and_asha_rungs(tmp_path):
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
-    from tfsearch.category_search import CategoryScheduler, CategorySearch
-    from tfsearch.studies import open_studies
+    from tfsearch.run.training.category_search import CategoryScheduler, CategorySearch
+    from tfsearch.store.studies import open_studies
 
     storage = open_studies(tmp_path / "studies.db")
 

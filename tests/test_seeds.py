@@ -12,15 +12,15 @@ from test_search import plan_for, run_args, write_space
 
 from tfsearch.cli import build_parser, main
 from tfsearch.errors import InputError
-from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
-from tfsearch.plan import make_plan, seeded_model, split_seed, start_run
-from tfsearch.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS, selected_columns, trial_columns
-from tfsearch.search import execute
-from tfsearch.selection import Config
-from tfsearch.spaces import load_space
-from tfsearch.train import MODEL_FILE, TrainDir
-from tfsearch.training_stage import category_trained
+from tfsearch.maps.cache import read_map_set
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
+from tfsearch.run.pipeline import execute
+from tfsearch.run.plan import make_plan, seeded_model, split_seed, start_run
+from tfsearch.run.selection.candidates import Config
+from tfsearch.run.space import load_space
+from tfsearch.run.training.stage import category_trained
+from tfsearch.store.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS, selected_columns, trial_columns
+from tfsearch.transfusion.trainer import MODEL_FILE, TrainDir
 
 
 def read_rows(path) -> list[dict]:
@@ -87,8 +87,8 @@ def test_a_category_is_trained_once_all_its_seeds_completed():
 
 
 def test_export_refuses_a_run_of_several_seeds(tmp_path):
-    from tfsearch.export import read_selected
-    from tfsearch.run_folder import write_csv
+    from tfsearch.deploy.export import read_selected
+    from tfsearch.store.run_folder import write_csv
 
     row = {"dataset": "demo", "category": "stripes", "status": "ok", "seeds": 2, "selected_model": "default"}
     write_csv(tmp_path / "selected.csv", selected_columns(2), [row])

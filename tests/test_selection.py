@@ -12,15 +12,32 @@ import torch
 import yaml
 from conftest import inspect_offline_run
 
-from tfsearch import selection
 from tfsearch.errors import InputError
-from tfsearch.map_cache import MapSet, write_map_set
-from tfsearch.metrics import GroundTruth, auroc, fuse, image_auroc, image_maxima, image_scores
-from tfsearch.selection import CandidateSet, Config, StudyPlan, best_config, choice_columns, run_study
-from tfsearch.selection_log import candidates_frame, grid_importance, importance_rows, log_studies_to_wandb
-from tfsearch.spaces import load_space, parse_space
-from tfsearch.studies import add_finished_trials, open_studies
-from tfsearch.synthesis import VALIDATION_OPACITY, perlin_masks, perlin_noise, validation_anomalies
+from tfsearch.maps.cache import MapSet, write_map_set
+from tfsearch.maps.metrics import GroundTruth, auroc, fuse, image_auroc, image_maxima, image_scores
+from tfsearch.run.selection import candidates as selection
+from tfsearch.run.selection.candidates import (
+    CandidateSet,
+    Config,
+    StudyPlan,
+    best_config,
+    choice_columns,
+    run_study,
+)
+from tfsearch.run.selection.log import (
+    candidates_frame,
+    grid_importance,
+    importance_rows,
+    log_studies_to_wandb,
+)
+from tfsearch.run.space import load_space, parse_space
+from tfsearch.store.studies import add_finished_trials, open_studies
+from tfsearch.transfusion.synthesis import (
+    VALIDATION_OPACITY,
+    perlin_masks,
+    perlin_noise,
+    validation_anomalies,
+)
 
 KERNELS = (1, 3, 5, 7)
 LAMS = (0.0, 1e-9, 0.25, 0.5, 0.95, 1.0 - 1e-9, 1.0)
@@ -359,8 +376,8 @@ def test_validation_anomalies_are_smaller_and_fainter_than_training_ones():
 
 def test_select_on_val_candidates_of_a_demo_run_are_not_all_tied(demo_dataset_root, tmp_path):
     """A tiny training run on the demo with validation maps, then the per_class space's candidates on them."""
-    from tfsearch.config import get_profile
-    from tfsearch.train import Runtime, TrainDir, TrainJob, train
+    from tfsearch.transfusion.profiles import get_profile
+    from tfsearch.transfusion.trainer import Runtime, TrainDir, TrainJob, train
 
     profile = get_profile("cpu").replace(
         image_size=32, base_channels=8, norm_groups=4, head_norm_groups=4, time_dim=32, epochs=1,

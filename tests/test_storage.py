@@ -1,4 +1,4 @@
-"""Run storage (tfsearch.storage): folders and object-store URIs, checked before any training, and a whole
+"""Run storage (tfsearch.store.location): folders and object-store URIs, checked before any training, and a whole
 `tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), its driver killed
 and the run resumed, compared with a run whose storage is a folder."""
 
@@ -17,9 +17,9 @@ from test_search import comparable, read_rows, run_args, write_space
 
 from tfsearch.cli import main
 from tfsearch.errors import InputError
-from tfsearch.map_cache import MapSet, read_map_set, write_map_set
-from tfsearch.run_folder import MILESTONE_LOG
-from tfsearch.storage import Location, local_run_dir
+from tfsearch.maps.cache import MapSet, read_map_set, write_map_set
+from tfsearch.store.location import Location, local_run_dir
+from tfsearch.store.run_folder import MILESTONE_LOG
 
 pytest.importorskip("moto.server", reason="moto[server] (the dev extra) runs the S3 tests")
 
@@ -172,8 +172,8 @@ def test_s3_run_killed_then_resumed_matches_the_folder_run(tmp_path, s3_endpoint
     assert list(load_run(local).selected["category"]) == ["stripes"]
 
     # a trial that starts anywhere continues from what the store holds: nothing is trained again
-    from tfsearch.train import Runtime, Trainer
-    from tfsearch.trainable import TrainingFolder, job_from_settings
+    from tfsearch.run.training.trainable import TrainingFolder, job_from_settings
+    from tfsearch.transfusion.trainer import Runtime, Trainer
 
     monkeypatch.setenv("TFSEARCH_SCRATCH", str(tmp_path))
     settings = {"job": json.loads(store.read_text("train/stripes/default/job.json"))}

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tfsearch.errors import InputError
-from tfsearch.synthesis import (
+from tfsearch.transfusion.synthesis import (
     AUGMENTATIONS,
     SUBTLE_SHIFT,
     AnomalySynthesizer,

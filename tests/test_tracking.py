@@ -16,7 +16,7 @@ import pytest
 from conftest import inspect_offline_run
 
 from tfsearch.errors import InputError
-from tfsearch.tracking import SYNC_NOTE, tune_callbacks
+from tfsearch.infra.tracking import SYNC_NOTE, tune_callbacks
 
 SELECTION_VALUES = {"cat_a": 0.8, "cat_b": 0.6}
 SPEEDS = {"cat_a": 12.5, "cat_b": 7.25}
@@ -49,7 +49,7 @@ def tiny_run(ray_instance: int, tmp_path_factory: pytest.TempPathFactory, monkey
     that each record their training speed and wait until the metrics port shows it."""
     from ray import cloudpickle, tune
 
-    from tfsearch.training_stage import ProgressView
+    from tfsearch.run.training.stage import ProgressView
 
     # Ray workers cannot import this test module: send its functions by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -58,7 +58,7 @@ def tiny_run(ray_instance: int, tmp_path_factory: pytest.TempPathFactory, monkey
     monkeypatch_module.setenv("WANDB_MODE", "disabled")  # tune_callbacks switches it; restored afterwards
 
     def trainable(config: dict) -> None:
-        from tfsearch import telemetry
+        from tfsearch.infra import telemetry
 
         category = config["category"]
         telemetry.record_milestone(category, SPEEDS[category])
@@ -115,7 +115,7 @@ def test_the_best_values_stay_on_the_port_after_the_run(tiny_run):
 
 
 def test_refresh_sets_every_gauge_of_the_process_again(monkeypatch):
-    from tfsearch import telemetry
+    from tfsearch.infra import telemetry
 
     calls = []
 
@@ -170,7 +170,7 @@ def test_tune_callbacks_follow_the_mode(tmp_path, monkeypatch):
 
 def test_telemetry_is_a_no_op_without_ray():
     code = (
-        "import sys; from tfsearch import telemetry; telemetry.record_milestone('a', 1.0);"
+        "import sys; from tfsearch.infra import telemetry; telemetry.record_milestone('a', 1.0);"
         " telemetry.record_best('a', 0.5); telemetry.record_trial_finished('a');"
         " assert 'ray' not in sys.modules and not telemetry._metrics"
     )

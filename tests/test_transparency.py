@@ -2,8 +2,8 @@
 
 import torch
 
-from tfsearch.transparency import TransparencyProcess, sigmoid_focal_loss, ssim, training_loss
-from tfsearch.unet import UNetOutput
+from tfsearch.transfusion.transparency import TransparencyProcess, sigmoid_focal_loss, ssim, training_loss
+from tfsearch.transfusion.unet import UNetOutput
 
 
 def quantities(seed: int = 0, batch: int = 4, size: int = 8):

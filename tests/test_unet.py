@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from tfsearch.config import get_profile
-from tfsearch.unet import Attention, TransFusionUNet, count_parameters, row_sine
+from tfsearch.transfusion.profiles import get_profile
+from tfsearch.transfusion.unet import Attention, TransFusionUNet, count_parameters, row_sine
 
 
 def test_paper_profile_has_the_original_parameter_count():

@@ -11,7 +11,7 @@ From one or more run folders (`tfsearch run` writes them) it builds, per dataset
 5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
 6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
 
-Under each run it says where a paper-profile run departs from the paper's protocol (`tfsearch.protocol`).
+Under each run it says where a paper-profile run departs from the paper's protocol (`tfsearch.transfusion.protocol`).
 
 It writes, under `--out` (default: FIRST_RUN_DIR/report):
 
@@ -21,7 +21,7 @@ It writes, under `--out` (default: FIRST_RUN_DIR/report):
     figures/NAME.png, NAME.svg, NAME.csv   each figure and its points
     wandb/                     the W&B summary run (offline by default; SYNC.txt says how to upload it)
 
-The package imports neither torch nor Ray nor the search: it reads run folders through `tfsearch.run_folder`.
+The package imports neither torch nor Ray nor the search: it reads run folders through `tfsearch.store.run_folder`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tfsearch.atomic import atomic_write, atomic_write_text
 from tfsearch.errors import InputError
+from tfsearch.infra.tracking import WANDB_MODES, check_mode
 from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
 from tfsearch.report.kinds import per_kind_tables
 from tfsearch.report.published import PublishedNumbers
@@ -59,8 +59,8 @@ from tfsearch.report.tables import (
     wide_tables,
 )
 from tfsearch.report.wandb_summary import log_to_wandb
-from tfsearch.storage import local_run_dir
-from tfsearch.tracking import WANDB_MODES, check_mode
+from tfsearch.store.atomic import atomic_write, atomic_write_text
+from tfsearch.store.location import local_run_dir
 
 TITLE = "TransFusion search report"
 

@@ -2,7 +2,7 @@
 against n (at the default λ), over every category of a dataset, at the final epoch, on the test set.
 
 Each point is exact: per category and n, `MapFuser` filters the raw maps once, then blends them per λ; the
-image score is each fused map's maximum and the AUROC is `tfsearch.metrics.auroc` (sklearn's, ties count
+image score is each fused map's maximum and the AUROC is `tfsearch.maps.metrics.auroc` (sklearn's, ties count
 one half). The curves never come from selection candidates (those mix epochs and splits).
 """
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from tfsearch.map_cache import read_map_set
-from tfsearch.metrics import MapFuser, auroc, image_scores
+from tfsearch.maps.cache import read_map_set
+from tfsearch.maps.metrics import MapFuser, auroc, image_scores
 from tfsearch.report.runs import RunResults
 
 if TYPE_CHECKING:

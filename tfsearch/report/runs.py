@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfsearch.config import PROFILES
 from tfsearch.errors import InputError
-from tfsearch.map_cache import map_set_exists
-from tfsearch.protocol import paper_protocol_note
-from tfsearch.run_folder import (
+from tfsearch.maps.cache import map_set_exists
+from tfsearch.store.run_folder import (
     CONFIG_FIELDS,
     CONFIG_FILE,
     DEFAULT_MODEL,
@@ -26,6 +24,8 @@ from tfsearch.run_folder import (
     TRIALS_FILE,
     maps_folder,
 )
+from tfsearch.transfusion.profiles import PROFILES
+from tfsearch.transfusion.protocol import paper_protocol_note
 
 TRIAL_NEEDS = ("category", "stage", "model", "epoch", "lam", "kernel", "split", "image_auroc")
 SELECTED_NEEDS = (
@@ -104,7 +104,7 @@ class RunResults:
         return int(milestones[-1]) if milestones[-1] is not None else None
 
     def differs_from_paper(self) -> list[str]:
-        """The profile's settings that differ from the paper's (`tfsearch.config.PROFILES["paper"]`), as
+        """The profile's settings that differ from the paper's (`tfsearch.transfusion.profiles.PROFILES["paper"]`), as
         `field ours (paper theirs)`; empty when a comparison with the published numbers is like for like."""
         paper = json.loads(json.dumps(PROFILES["paper"].to_dict()))  # tuples as JSON writes them
         ours = self.config["profile"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, sync_command, write_sync_note
 from tfsearch.report.render import flat_columns
 from tfsearch.report.tables import Table
-from tfsearch.tracking import DEFAULT_PROJECT, check_mode, sync_command, write_sync_note
 
 
 def _wandb_table(table: Table):

@@ -1,0 +1,48 @@
+"""The `tfsearch` command line. Each subcommand lives in the module that owns its concept and registers
+itself through a `register(subparsers)` function; this file only assembles them and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tfsearch.errors import InputError
+
+# modules that define a `register(subparsers)` function, in the order `tfsearch --help` lists them
+COMMAND_MODULES = (
+    "tfsearch.run.pipeline",
+    "tfsearch.run.space",
+    "tfsearch.transfusion.trainer",
+    "tfsearch.transfusion.evaluation",
+    "tfsearch.deploy.export",
+    "tfsearch.deploy.detector",
+    "tfsearch.maps.score",
+    "tfsearch.data.demo",
+    "tfsearch.report",
+)
+
+
+def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser of the subcommands of `modules`; a subset imports only what those need (a GPU image
+    without Ray or Optuna can still train and evaluate: bench/gpu_paper_demo.sh)."""
+    parser = argparse.ArgumentParser(prog="tfsearch", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in modules:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
+    parser = build_parser(modules)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"tfsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets on disk (MVTec AD, VisA, folders) and the generated demos."""

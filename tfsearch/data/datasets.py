@@ -1,0 +1,492 @@
+"""Datasets: which images and masks make up a category, and how they become arrays.
+
+Five sources share one in-memory form, a `Category` of `Sample`s: MVTec AD, VisA (the prepared "1cls" layout
+or the raw download read through its split CSV), `folder` (a user's own categories in the MVTec layout), the
+synthetic `demo` and the realistic synthetic `demo_real`. Masks are found by their path relative to the
+category root, never by editing the path string: the original's string replace breaks on a data root whose
+path contains "test" (method.md §11.12).
+Images become RGB uint8 and masks become booleans exactly as method.md §8 prescribes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tfsearch.data.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, realistic_demo_root
+from tfsearch.data.demo_real import REALISTIC_CATEGORIES
+from tfsearch.errors import InputError
+
+DATASETS = ("mvtec", "visa", "folder", "demo", "demo_real")
+MVTEC_CATEGORIES: tuple[str, ...] = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+VISA_CATEGORIES: tuple[str, ...] = (
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+)
+# the original code's fg-mask exemption list: MVTec's five textures plus zipper (method.md §11.5)
+TEXTURE_CATEGORIES: frozenset[str] = frozenset({"carpet", "grid", "leather", "tile", "wood", "zipper"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# the split file of the raw VisA download, relative to its root, and the columns read from it
+VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
+VISA_CSV_COLUMNS = ("object", "split", "label", "image", "mask")
+# categories a dataset can hold; None means any sub-folder with train/good (`folder`) or the CSV's (raw VisA)
+_KNOWN_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "mvtec": MVTEC_CATEGORIES,
+    "visa": VISA_CATEGORIES,
+    "demo": DEMO_CATEGORIES,
+    "demo_real": REALISTIC_CATEGORIES,
+}
+# generated datasets: their cached copy (made on first use) is the root when no --data-root is given
+_GENERATED_ROOTS: dict[str, Callable[[], Path]] = {"demo": demo_root, "demo_real": realistic_demo_root}
+GENERATED_DATASETS: tuple[str, ...] = tuple(_GENERATED_ROOTS)
+# texture categories of the generated datasets; every realistic demo category is a texture
+_GENERATED_TEXTURES: dict[str, frozenset[str]] = {
+    "demo": DEMO_TEXTURES,
+    "demo_real": frozenset(REALISTIC_CATEGORIES),
+}
+# integer modes whose values span 0..65535: PIL's convert("RGB") would clip them instead of scaling
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path  # absolute path of the image file
+    mask: Path | None  # ground-truth mask file; None for normal images
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # "good" for normal images, else the defect folder name ("bad" for VisA)
+    image_id: str  # f"{split}/{defect}/{stem}": unique within a category and stable across runs
+
+
+@dataclass(frozen=True)
+class Category:
+    dataset: str
+    name: str
+    root: Path  # category root folder
+    train: tuple[Sample, ...]  # sorted by image_id, all normal
+    test: tuple[Sample, ...]  # sorted by image_id
+    is_texture: bool
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+def list_categories(dataset: str, data_root: Path | None) -> list[str]:
+    """The categories available for `dataset` under `data_root`, sorted.
+
+    For MVTec AD and prepared VisA these are the dataset's known categories present on disk, so a partial
+    download works; `folder` takes every sub-folder with `train/good`; raw VisA takes its split CSV's objects.
+    A cached generated dataset is not generated just to list its categories.
+    """
+    if dataset in _GENERATED_ROOTS and data_root is None:
+        return list(_KNOWN_CATEGORIES[dataset])
+    root = _data_root(dataset, data_root)
+    if dataset == "visa" and _is_raw_visa(root):
+        return sorted({row["object"] for row in _read_visa_csv(root)})
+    known = _KNOWN_CATEGORIES.get(dataset)
+    present = [
+        folder.name
+        for folder in _subfolders(root)
+        if (folder / "train" / "good").is_dir() and (known is None or folder.name in known)
+    ]
+    if not present:
+        expected = f"{root}/<category>/train/good/"
+        if known is not None:
+            expected += f" with <category> one of {', '.join(known)}"
+        raise InputError(f"no {dataset} categories in --data-root {root}: expected {expected}")
+    return present
+
+
+def resolve_categories(
+    dataset: str, data_root: Path | None, category: str | None, categories: str | None
+) -> list[str]:
+    """The categories a command should process, from its --category / --categories flags.
+
+    Both None means every category of the dataset. The result is in the dataset's sorted order, because
+    categories are trained in sorted order (method.md §6.3).
+    """
+    if category is not None and categories is not None:
+        raise InputError("give either --category or --categories, not both")
+    available = list_categories(dataset, data_root)
+    if category is None and categories is None:
+        return available
+    if category is not None:
+        flag, requested = "--category", [category]
+    else:
+        flag, requested = "--categories", [name.strip() for name in categories.split(",") if name.strip()]
+        if not requested:
+            raise InputError(
+                f"--categories {categories!r} names no category: expected a comma-separated list"
+            )
+    for name in requested:
+        _check_category(dataset, data_root, name, available, flag)
+    return [name for name in available if name in requested]
+
+
+def load_category(dataset: str, data_root: Path | None, category: str) -> Category:
+    """Find every image and mask of one category and check that they pair up.
+
+    Only file headers are read (to compare mask and image sizes), so this is cheap even for VisA.
+    `data_root` None is allowed only for the generated datasets, whose cached copy is made on first use.
+    """
+    _check_category(dataset, data_root, category, list_categories(dataset, data_root), "--category")
+    if dataset in _GENERATED_ROOTS and data_root is None:
+        root = _GENERATED_ROOTS[dataset]()
+    else:
+        root = _data_root(dataset, data_root)
+    if dataset == "visa" and _is_raw_visa(root):
+        train, test = _raw_visa_samples(root, category)
+    else:
+        train, test = _layout_samples(root / category, mask_suffix="" if dataset == "visa" else "_mask")
+    _check_mask_sizes(test)
+    return Category(dataset, category, root / category, train, test, is_texture_category(dataset, category))
+
+
+def largest_first(dataset: str, data_root: Path | None, categories: Sequence[str]) -> list[str]:
+    """Categories by number of training images, most first (then by name): a run ends when its slowest
+    category does, so the longest trainings should not wait for a free slot behind short ones."""
+    sizes = {c: len(load_category(dataset, data_root, c).train) for c in categories}
+    return sorted(categories, key=lambda c: (-sizes[c], c))
+
+
+def is_texture_category(dataset: str, category: str) -> bool:
+    """Whether anomalies may cover the whole image (a texture) rather than an object's foreground: MVTec's
+    textures (and zipper, as the original code has it) and the generated datasets' (every `demo_real`
+    category); VisA and `folder` hold objects."""
+    if dataset == "mvtec":
+        return category in TEXTURE_CATEGORIES
+    return category in _GENERATED_TEXTURES.get(dataset, frozenset())
+
+
+def defect_kind(image_id: str) -> str:
+    """The defect kind of an image, from its id `split/defect/stem`: the test folder it lies in ("good" for
+    normal images; MVTec's "scratch", "crack", ...; VisA's "bad")."""
+    parts = image_id.split("/")
+    if len(parts) < 3 or not parts[1]:
+        raise InputError(f"image id {image_id!r}: expected split/defect/name, as tfsearch writes image ids")
+    return parts[1]
+
+
+def _data_root(dataset: str, data_root: Path | None) -> Path:
+    if dataset not in DATASETS:
+        raise InputError(f"unknown --dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if data_root is None:
+        raise InputError(f"--data-root is required for --dataset {dataset}")
+    root = Path(data_root).expanduser().absolute()
+    if not root.is_dir():
+        raise InputError(f"--data-root {root} does not exist or is not a folder")
+    return root
+
+
+def _check_category(
+    dataset: str, data_root: Path | None, name: str, available: Sequence[str], flag: str
+) -> None:
+    if name in available:
+        return
+    where = f" in --data-root {data_root}" if data_root is not None else ""
+    hint = ""
+    if dataset in ("mvtec", "visa") and data_root is not None and (Path(data_root) / name / "train").is_dir():
+        hint = f" (use --dataset folder for categories outside {dataset})"
+    raise InputError(
+        f"unknown {flag} {name!r} for --dataset {dataset}{where}; "
+        f"valid categories: {', '.join(available)}{hint}"
+    )
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted; hidden files (e.g. macOS `._x.png` sidecars) are skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith(".") and entry.is_file()
+    )
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def _layout_samples(category_root: Path, mask_suffix: str) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
+    """Samples of the MVTec layout: `train/good`, `test/<defect>`, `ground_truth/<defect>/<stem><suffix>.*`.
+
+    Prepared VisA is the same layout with defect "bad" and no mask suffix.
+    """
+    train_dir = category_root / "train" / "good"
+    train = [Sample(path, None, 0, "good", f"train/good/{path.stem}") for path in _image_files(train_dir)]
+    if not train:
+        extensions = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+        raise InputError(f"no training images in {train_dir}: expected {extensions} files")
+    test = []
+    for defect_dir in _subfolders(category_root / "test"):
+        defect = defect_dir.name
+        if defect == "good":
+            test += [
+                Sample(path, None, 0, "good", f"test/good/{path.stem}") for path in _image_files(defect_dir)
+            ]
+            continue
+        mask_dir = category_root / "ground_truth" / defect
+        masks = {path.stem: path for path in _image_files(mask_dir)}
+        for path in _image_files(defect_dir):
+            mask = masks.get(path.stem + mask_suffix)
+            if mask is None:
+                raise InputError(
+                    f"defect image {path} has no mask: expected {mask_dir / (path.stem + mask_suffix)}.png"
+                )
+            test.append(Sample(path, mask, 1, defect, f"test/{defect}/{path.stem}"))
+    return _sorted_by_id(train, train_dir), _sorted_by_id(test, category_root / "test")
+
+
+def _is_raw_visa(root: Path) -> bool:
+    """Whether `root` is the raw VisA download (read via its CSV) rather than the prepared 1cls layout."""
+    if (root / VISA_SPLIT_CSV).is_file():
+        return True
+    if any((folder / "Data" / "Images").is_dir() for folder in _subfolders(root)):
+        raise InputError(
+            f"--data-root {root} looks like the raw VisA download but its split file {root / VISA_SPLIT_CSV} "
+            "is missing"
+        )
+    return False
+
+
+def _read_visa_csv(root: Path) -> list[dict[str, str]]:
+    path = root / VISA_SPLIT_CSV
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in VISA_CSV_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(
+                f"VisA split file {path} lacks column(s) {', '.join(missing)}: "
+                f"expected the header {','.join(VISA_CSV_COLUMNS)}"
+            )
+        return [{key: (row[key] or "").strip() for key in VISA_CSV_COLUMNS} for row in reader]
+
+
+def _raw_visa_samples(root: Path, category: str) -> tuple[tuple[Sample, ...], tuple[Sample, ...]]:
+    """Samples of the raw VisA download, row by row from `split_csv/1cls.csv` (paths relative to root)."""
+    csv_path = root / VISA_SPLIT_CSV
+    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    for line, row in enumerate(_read_visa_csv(root), start=2):
+        if row["object"] != category:
+            continue
+        where = f"{csv_path} line {line}"
+        if row["split"] not in splits:
+            raise InputError(f"{where}: split {row['split']!r} is not train or test")
+        if row["label"] not in ("normal", "anomaly"):
+            raise InputError(f"{where}: label {row['label']!r} is not normal or anomaly")
+        if row["split"] == "train" and row["label"] != "normal":
+            raise InputError(f"{where}: training images must be normal, got label {row['label']!r}")
+        image = root / row["image"]
+        if not image.is_file():
+            raise InputError(f"{where}: image {image} does not exist")
+        mask = None
+        if row["label"] == "anomaly":
+            if not row["mask"]:
+                raise InputError(f"defect image {image} has no mask: column 'mask' is empty at {where}")
+            mask = root / row["mask"]
+            if not mask.is_file():
+                raise InputError(
+                    f"defect image {image} has no mask: {mask} (named at {where}) does not exist"
+                )
+        defect = "bad" if mask is not None else "good"
+        image_id = f"{row['split']}/{defect}/{image.stem}"
+        splits[row["split"]].append(Sample(image, mask, int(mask is not None), defect, image_id))
+    if not splits["train"]:
+        raise InputError(
+            f"no training images for {category!r} in {csv_path}: expected rows with split 'train'"
+        )
+    return _sorted_by_id(splits["train"], csv_path), _sorted_by_id(splits["test"], csv_path)
+
+
+def _sorted_by_id(samples: list[Sample], source: Path) -> tuple[Sample, ...]:
+    ordered = sorted(samples, key=lambda sample: sample.image_id)
+    for before, after in pairwise(ordered):
+        if before.image_id == after.image_id:
+            raise InputError(
+                f"{before.image} and {after.image} (from {source}) share the image id {before.image_id!r}: "
+                "file names must be unique without their extension"
+            )
+    return tuple(ordered)
+
+
+def _check_mask_sizes(samples: Sequence[Sample]) -> None:
+    for sample in samples:
+        if sample.mask is None:
+            continue
+        image_size, mask_size = _header_size(sample.image), _header_size(sample.mask)
+        if image_size != mask_size:
+            raise InputError(
+                f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} is "
+                f"{image_size[0]}x{image_size[1]}: expected equal sizes"
+            )
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """uint8 (size, size, 3) RGB, resized with PIL bilinear (antialiased) as the original's Resize does."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from exc
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as training sees it: 16-bit grey scaled to 8 bits (not clipped), every other mode converted."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        gray = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
+    """bool (size, size), or (height, width) for a pair. Non-zero pixels are defects (raw VisA uses 1, 2,
+    ...): they are set to 255, resized bilinearly, then `> 0.5` on the 0-255 scale (method.md §8), so any
+    interpolated non-zero value counts. A mask already at the asked shape is not resampled.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if path is None:
+        return np.zeros((height, width), dtype=bool)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            defect = _defect_pixels(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read mask {path}: {exc}") from exc
+    mask = Image.fromarray(defect.astype(np.uint8) * 255)
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(mask) > 0.5
+
+
+def _defect_pixels(image: Image.Image) -> np.ndarray:
+    """Native-size bool array of the non-zero pixels; palette masks are read by index (0 = background)."""
+    if image.mode == "P" or image.mode in _SIXTEEN_BIT_MODES or image.mode in ("1", "L", "F"):
+        return np.asarray(image) != 0
+    return np.asarray(image.convert("RGB")).max(axis=2) != 0
+
+
+def load_images(samples: Sequence[Sample], size: int, workers: int = 0) -> np.ndarray:
+    """uint8 (N, size, size, 3); `workers` > 0 decodes in that many threads (PIL releases the GIL)."""
+    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+
+    def decode(index: int) -> None:
+        images[index] = load_image(samples[index].image, size)
+
+    if workers > 0:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(decode, range(len(samples))))
+    else:
+        for index in range(len(samples)):
+            decode(index)
+    return images
+
+
+def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
+    """bool (N, size, size); normal samples give all-False masks."""
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    for index, sample in enumerate(samples):
+        masks[index] = load_mask(sample.mask, size)
+    return masks
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
+    """The data flags every command shares; `multiple` adds --categories for commands that loop over them."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="demo",
+        help="dataset kind (default: demo; demo and demo_real are generated on first use)",
+    )
+    group.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="dataset root folder; required unless --dataset demo or demo_real (then a cached copy under "
+        "$TFSEARCH_CACHE)",
+    )
+    group.add_argument(
+        "--category", default=None, help="one category" + (" (default: all)" if multiple else "")
+    )
+    if multiple:
+        group.add_argument("--categories", default=None, metavar="A,B", help="comma-separated categories")
+
+
+__all__ = [
+    "DATASETS",
+    "GENERATED_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "MVTEC_CATEGORIES",
+    "TEXTURE_CATEGORIES",
+    "VISA_CATEGORIES",
+    "Category",
+    "Sample",
+    "add_data_arguments",
+    "defect_kind",
+    "is_texture_category",
+    "list_categories",
+    "load_category",
+    "load_image",
+    "load_images",
+    "load_mask",
+    "load_masks",
+    "resolve_categories",
+]

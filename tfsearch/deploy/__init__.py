@@ -1,0 +1,1 @@
+"""Tuned models outside tfsearch: the export format, the Detector, `tfsearch predict`."""

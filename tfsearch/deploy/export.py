@@ -1,0 +1,455 @@
+"""`tfsearch export RUN --out DIR`: take each category's selected model out of a finished run.
+
+A run's `selected.csv` names, per category, the training configuration, milestone epoch, λ and n that the
+selection chose. The export writes one self-describing folder per category,
+
+    DIR/CATEGORY/weights.pt      the model's state dict at the selected epoch, nothing else (no optimiser)
+    DIR/CATEGORY/manifest.json   what the weights are and how to use them (written last)
+
+so that `tfsearch predict` and `tfsearch.Detector` can score new images without the run, the dataset or the
+search. The manifest holds the export format, the dataset and category, the protocol and split the
+configuration was selected on with its metrics, the training profile, λ, n, an image-level threshold, the
+weights' SHA-256, the run it came from and the library versions.
+
+The threshold is chosen on the selection data (the selection split's cached maps at the selected
+configuration): by default the one that maximises the image-level F1 score, or with `--threshold-at-fpr F`
+the lowest one whose false-positive rate stays at most F. It is placed halfway between the lowest score it
+labels anomalous and the highest score below that, so that the labels of the selection data do not hinge on
+the float rounding of a recomputed map. An image is anomalous when its score is at or above the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfsearch.errors import InputError
+from tfsearch.maps.cache import read_map_set
+from tfsearch.maps.metrics import METRIC_NAMES, fuse, image_scores
+from tfsearch.store.atomic import atomic_write, atomic_write_json
+from tfsearch.store.location import Location
+from tfsearch.store.run_folder import CONFIG_FILE, SELECTED_FILE, now
+from tfsearch.transfusion.profiles import Profile
+from tfsearch.transfusion.trainer import CHECKPOINT_FILE, MODEL_FILE, TrainDir
+
+EXPORT_FORMAT = "tfsearch-export"
+EXPORT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.pt"
+# the key of a training run's model.pt (and trainer.pt) that holds the model's state dict
+MODEL_STATE_KEY = "model"
+# what a manifest must hold, by section, for a model to be rebuilt and used
+MANIFEST_KEYS = {
+    "model": ("epoch", "lam", "kernel", "image_size", "profile"),
+    "threshold": ("value",),
+    "weights": ("file", "sha256"),
+}
+
+
+# ------------------------------------------------------------------------------------------ threshold
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, at_fpr: float | None = None) -> dict:
+    """The image-level threshold on the selection data and what it achieves there.
+
+    F1-max by default (sklearn's precision-recall curve); with `at_fpr`, the lowest threshold of sklearn's
+    ROC curve whose false-positive rate is at most `at_fpr`.
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if not labels.any():
+        raise InputError("the selection data has no anomalous image: no threshold can be chosen on it")
+    if at_fpr is None:
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        total = precision + recall
+        f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)[:-1]
+        chosen = float(thresholds[int(np.argmax(f1))])
+    else:
+        if labels.all():
+            raise InputError("--threshold-at-fpr: the selection data has no normal image to measure FPR on")
+        fpr, _, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+        allowed = np.flatnonzero((fpr <= at_fpr) & np.isfinite(thresholds))
+        if allowed.size == 0:
+            raise InputError(
+                f"--threshold-at-fpr {at_fpr}: no threshold keeps the FPR at or below it on the selection "
+                f"data ({int((~labels).sum())} normal images; the lowest reachable FPR is {fpr[1]:.4f})"
+            )
+        chosen = float(thresholds[allowed[-1]])
+    below = scores[scores < chosen]
+    value = (chosen + float(below.max())) / 2 if below.size else chosen
+    predicted = scores >= value
+    tp, fp = int((predicted & labels).sum()), int((predicted & ~labels).sum())
+    fn, negatives = int((~predicted & labels).sum()), int((~labels).sum())
+    return {
+        "value": value,
+        "method": "f1_max" if at_fpr is None else "fpr",
+        "target_fpr": at_fpr,
+        "images": int(labels.size),
+        "anomalous": int(labels.sum()),
+        "f1": 2 * tp / (2 * tp + fp + fn),
+        "precision": tp / (tp + fp) if tp + fp else math.nan,
+        "recall": tp / (tp + fn),
+        "fpr": fp / negatives if negatives else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------ the run
+@dataclass(frozen=True)
+class Selected:
+    """One category's row of `selected.csv`: the chosen configuration and its metrics."""
+
+    dataset: str
+    category: str
+    space: str
+    protocol: str
+    selection_metric: str
+    model: str
+    epoch: int
+    lam: float
+    kernel: int
+    selection_value: float
+    test_metrics: dict[str, float]
+
+
+def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
+    """The selected configurations, and the categories whose training failed for good with their errors
+    (nothing was selected for them)."""
+    path = run / SELECTED_FILE
+    if not path.is_file():
+        raise InputError(f"{run} holds no finished run: {path} is missing (has `tfsearch run` finished?)")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    failed = {row["category"]: row.get("error", "") for row in rows if row.get("status") == "failed"}
+    rows = [row for row in rows if row["category"] not in failed]
+    if any(row.get("seeds") for row in rows):
+        raise InputError(
+            f"{path}: a run trained with several seeds per category (--seeds) selects a configuration by the"
+            " mean over its seeds, of which there is no one model to export; exporting such runs is not"
+            " supported yet"
+        )
+    try:
+        selected = [
+            Selected(
+                dataset=row["dataset"],
+                category=row["category"],
+                space=row["space"],
+                protocol=row["protocol"],
+                selection_metric=row["selection_metric"],
+                model=row["selected_model"],
+                epoch=int(row["selected_epoch"]),
+                lam=float(row["selected_lam"]),
+                kernel=int(row["selected_kernel"]),
+                selection_value=_number(row["selected_selection_value"]),
+                test_metrics={m: _number(row[f"selected_test_{m}"]) for m in METRIC_NAMES},
+            )
+            for row in rows
+        ]
+    except (KeyError, ValueError) as exc:
+        raise InputError(
+            f"{path}: malformed row ({exc}); expected the columns of tfsearch's selected.csv"
+        ) from None
+    return selected, failed
+
+
+def _number(cell: str) -> float:
+    return float(cell) if cell else math.nan
+
+
+class TrainingRun:
+    """Where a category's training run of a search lives: its job, maps and checkpoints.
+
+    The run folder's own `train/` when it is there; else the `storage` named in config.json: a folder, or
+    an object store, whose job and maps the run keeps in its `cache/` (fetched here when missing) and whose
+    checkpoints are downloaded to a scratch folder.
+    """
+
+    def __init__(self, run: Path, config: dict, category: str, model: str) -> None:
+        relative = Path("train") / category / model
+        self.remote: Location | None = None
+        if (run / "train").is_dir():
+            root = run / relative
+        else:
+            storage = Location.parse(config["storage"], flag=f"{run / CONFIG_FILE} storage")
+            if storage.is_local:
+                root = storage.local_path / relative
+            else:
+                self.remote = storage.child(*relative.parts)
+                root = run / "cache" / relative
+        self.dir = TrainDir(root)
+        if self.remote is not None and not self.dir.job_file.is_file():
+            self.remote.download(self.dir.job_file.name, self.dir.job_file)
+
+    def maps(self, epoch: int, split: str) -> Path:
+        folder = self.dir.maps(epoch, split)
+        if self.remote is not None and not folder.is_dir():
+            self.remote.download(self.relative(folder), folder)
+        return folder
+
+    def model_state(self, epoch: int) -> tuple[dict, str]:
+        """The model's state dict at `epoch`, and nothing else of the checkpoint; with the file it came
+        from, relative to the training run (the milestone's model.pt, or trainer.pt in older runs)."""
+        import torch
+
+        folder = self.dir.checkpoint(epoch)
+        scratch = None
+        try:
+            if self.remote is None:
+                path = self.dir.weights(epoch)
+            else:
+                scratch = Path(tempfile.mkdtemp(prefix="tfsearch-export-"))
+                path = next(
+                    (
+                        scratch / name
+                        for name in (MODEL_FILE, CHECKPOINT_FILE)
+                        if self.remote.download(self.relative(folder / name), scratch / name)
+                    ),
+                    folder / MODEL_FILE,
+                )
+            if not path.is_file():
+                where = self.remote.uri if self.remote is not None else self.dir.root
+                raise InputError(
+                    f"no weights of the selected epoch {epoch} in {where}: {path.name} is missing"
+                )
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if not isinstance(state, dict) or not isinstance(state.get(MODEL_STATE_KEY), dict):
+            raise InputError(f"{path} is not a tfsearch checkpoint: no {MODEL_STATE_KEY!r} state dict")
+        return state[MODEL_STATE_KEY], self.relative(folder / path.name)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.dir.root).as_posix()
+
+
+def read_config(run: Path) -> dict:
+    path = run / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"RUN {run} is not a tfsearch run folder: {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ export
+def library_versions() -> dict[str, str]:
+    import PIL
+    import torch
+
+    from tfsearch import __version__
+
+    return {
+        "tfsearch": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def export_category(
+    run: Path, config: dict, selected: Selected, out: Path, at_fpr: float | None = None
+) -> Path:
+    """Write `out/CATEGORY` (weights, then the manifest) for one row of `selected.csv`."""
+    import torch
+
+    from tfsearch.transfusion.unet import TransFusionUNet, count_parameters
+
+    target = out / selected.category
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"--out: {target} already exists and is not empty; choose another --out")
+    source = TrainingRun(run, config, selected.category, selected.model)
+    job = source.dir.load_job()
+    split = "val" if selected.protocol == "val" else "test"
+    maps = read_map_set(source.maps(selected.epoch, split))
+    fused = fuse(maps.m_disc, maps.m_recon, selected.lam, selected.kernel)
+    threshold = {**choose_threshold(image_scores(fused), maps.labels, at_fpr), "split": split}
+
+    state, weights_source = source.model_state(selected.epoch)
+    model = TransFusionUNet(job.profile)
+    check_weights(model, state, f"the checkpoint of epoch {selected.epoch} in {source.dir.root}")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    weights = buffer.getvalue()
+    atomic_write(target / WEIGHTS_FILE, lambda handle: handle.write(weights))
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "dataset": selected.dataset,
+        "category": selected.category,
+        "selection": {
+            "protocol": selected.protocol,
+            "split": split,
+            "space": selected.space,
+            "metric": selected.selection_metric,
+            "value": _json_number(selected.selection_value),
+            "test_metrics": {k: _json_number(v) for k, v in selected.test_metrics.items()},
+        },
+        "model": {
+            "id": selected.model,
+            "epoch": selected.epoch,
+            "lam": selected.lam,
+            "kernel": selected.kernel,
+            "image_size": job.profile.image_size,
+            "parameters": count_parameters(model),
+            "profile": job.profile.to_dict(),
+        },
+        "threshold": {k: _json_number(v) for k, v in threshold.items()},
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "sha256": hashlib.sha256(weights).hexdigest(),
+            "bytes": len(weights),
+        },
+        "source": {
+            "run": str(run.resolve()),
+            "run_name": config.get("name"),
+            "training_run": source.remote.uri if source.remote else str(source.dir.root.resolve()),
+            "checkpoint": weights_source,
+        },
+        "versions": library_versions(),
+        "exported_at": now(),
+    }
+    atomic_write_json(target / MANIFEST_FILE, manifest)
+    return target
+
+
+def _json_number(value: object) -> object:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def check_weights(model, state: dict, where: str) -> None:
+    """Load `state` into `model` strictly; a state dict of another architecture is an error naming `where`."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise InputError(f"{where} does not fit the model its profile describes: {detail[:300]}") from None
+
+
+def export_run(
+    run: Path, out: Path, categories: list[str] | None = None, at_fpr: float | None = None
+) -> list[Path]:
+    """Export the selected model of every category of `run` (or of `categories`)."""
+    config = read_config(run)
+    rows, failed = read_selected(run)
+    broken = [c for c in (categories or failed) if c in failed]
+    if broken:
+        errors = "; ".join(f"{c}: {failed[c]}" for c in broken)
+        raise InputError(
+            f"{run / SELECTED_FILE}: training failed for good in {', '.join(broken)} ({errors}); nothing was"
+            " selected there: `tfsearch run --resume` retries them, or --categories leaves them out"
+        )
+    available = [row.category for row in rows]
+    if categories:
+        unknown = [c for c in categories if c not in available]
+        if unknown:
+            raise InputError(
+                f"--categories {','.join(unknown)}: not in {run / SELECTED_FILE}, which selects "
+                f"{', '.join(available)}"
+            )
+        rows = [row for row in rows if row.category in categories]
+    if not rows:
+        raise InputError(f"{run / SELECTED_FILE} selects no category: nothing to export")
+    return [export_category(run, config, row, out, at_fpr) for row in rows]
+
+
+# ------------------------------------------------------------------------------------------ reading
+@dataclass(frozen=True)
+class Export:
+    """A checked export folder: its manifest and the bytes of its weights (their SHA-256 matches)."""
+
+    folder: Path
+    manifest: dict
+    weights: bytes
+
+    @property
+    def profile(self) -> Profile:
+        """The training profile of the exported model (its network and its number of β values)."""
+        return Profile.from_dict(self.manifest["model"]["profile"])
+
+
+def read_export(folder: Path) -> Export:
+    """Read and check an export folder; anything that does not match is an InputError naming the file."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise InputError(f"EXPORT {folder}: {path} is missing (expected a folder written by tfsearch export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise InputError(f'{path} is not a tfsearch export manifest (no "format": "{EXPORT_FORMAT}")')
+    if manifest.get("format_version") != EXPORT_VERSION:
+        written_by = manifest.get("versions", {}).get("tfsearch", "an unknown version")
+        raise InputError(
+            f"{path} has export format version {manifest.get('format_version')!r} (tfsearch {written_by}); "
+            f"this tfsearch reads version {EXPORT_VERSION}: export the run again with this version"
+        )
+    missing = [
+        f"{section}.{key}"
+        for section, keys in MANIFEST_KEYS.items()
+        for key in keys
+        if not isinstance(manifest.get(section), dict) or key not in manifest[section]
+    ]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: it is not a complete export manifest")
+    weights_entry = manifest["weights"]
+    weights_path = folder / weights_entry["file"]
+    if not weights_path.is_file():
+        raise InputError(f"{weights_path} is missing (named in {path})")
+    weights = weights_path.read_bytes()
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != weights_entry.get("sha256"):
+        raise InputError(
+            f"{weights_path} does not match {path}: its SHA-256 is {digest}, the manifest says "
+            f"{weights_entry.get('sha256')} (a corrupted or replaced file)"
+        )
+    return Export(folder, manifest, weights)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export each category's selected model (weights, λ, n, threshold, manifest)",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tfsearch run`")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/CATEGORY/")
+    parser.add_argument("--categories", help="comma-separated categories (default: all of selected.csv)")
+    parser.add_argument(
+        "--threshold-at-fpr",
+        type=float,
+        metavar="F",
+        help="threshold at false-positive rate ≤ F on the selection data (default: the F1-max threshold)",
+    )
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    at_fpr = args.threshold_at_fpr
+    if at_fpr is not None and not 0.0 <= at_fpr < 1.0:
+        raise InputError(f"--threshold-at-fpr {at_fpr}: expected a false-positive rate in [0, 1)")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    for folder in export_run(args.run, args.out, categories, at_fpr):
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        model, threshold = manifest["model"], manifest["threshold"]
+        print(
+            f"{manifest['dataset']}/{manifest['category']}: epoch {model['epoch']}, λ {model['lam']:.3f}, "
+            f"n {model['kernel']}, threshold {threshold['value']:.4g} ({threshold['method']} on "
+            f"{threshold['split']}: F1 {threshold['f1']:.3f}) -> {folder}"
+        )
+    return 0

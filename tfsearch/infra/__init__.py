@@ -1,0 +1,1 @@
+"""Ray and W&B plumbing shared by the stages: cluster connection, telemetry, tracking, a fake cluster."""

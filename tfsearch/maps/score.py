@@ -1,0 +1,328 @@
+"""`tfsearch score`: score any method's anomaly maps, stored the way MVTec AD's evaluation script expects.
+
+Layout: `MAPS/<category>/test/<defect>/<image name>.tiff`, one single-channel float map per test image, named
+after the test image (`Sample.image_id` plus an extension). `.tif`, `.npy` and `.png` maps are read too.
+
+Resolution: by default, as MVTec AD's evaluation script, each image is scored at its ground truth's own size
+(the mask's, or for a normal image the image's, so non-square datasets such as VisA work); a map of another
+shape is resized bilinearly to it and the command says how many were. `--size N` instead scores everything at
+N×N, maps resized bilinearly and masks read as method.md §8 prescribes (bilinear resize, `> 0.5` on the 0-255
+scale): `--size 256` is TransFusion's protocol.
+
+Maps should hold real-valued scores: `.tiff` (float32) or `.npy`. An 8-bit `.png` map has 256 levels, so
+many pixels tie and the curves are coarser; the command warns about it.
+
+The metrics are `tfsearch.maps.metrics.evaluate` (image AUROC from each map's maximum, AUPRO to `--limit`, pixel
+AUROC, AP and F1-max). A category without an anomalous test image is reported with "undefined" metrics and
+the reason, and the other categories are still scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tfsearch.data.datasets import (
+    Sample,
+    list_categories,
+    load_category,
+    load_mask,
+    load_masks,
+    resolve_categories,
+)
+from tfsearch.errors import InputError
+from tfsearch.maps.metrics import METRIC_NAMES, PRO_LIMIT, GroundTruth, evaluate
+
+SCORE_DATASETS = ("mvtec", "visa", "folder")
+MAP_EXTENSIONS = (".tiff", ".tif", ".npy", ".png")
+TRANSFUSION_SIZE = 256
+
+
+@dataclass(frozen=True)
+class CategoryScore:
+    metrics: dict[str, float]  # METRIC_NAMES -> value, NaN when undefined
+    undefined: dict[str, str]  # metric -> reason it is undefined
+    images: int
+    anomalous: int
+    shape: tuple[int, int] | None  # (height, width) the category was scored at
+    resized: int  # maps whose shape differed from it
+    eight_bit: int  # 8-bit maps (ties)
+
+
+def score_category(
+    dataset: str,
+    dataset_root: Path,
+    maps_root: Path,
+    category: str,
+    size: int | None = None,
+    limit: float = PRO_LIMIT,
+) -> CategoryScore:
+    """Metrics of the maps in `maps_root/category` against the category's test ground truth, at each
+    mask's own size (`size` None) or at size×size."""
+    samples = load_category(dataset, dataset_root, category).test
+    map_folder = maps_root / category
+    if not samples:
+        raise InputError(f"category {category!r} in {dataset_root} has no test images to score")
+    _check_no_extra_maps(map_folder, {sample.image_id for sample in samples}, category, dataset_root)
+    shape = (size, size) if size is not None else _native_shape(samples, category)
+    maps = np.empty((len(samples), *shape), dtype=np.float32)
+    resized = eight_bit = 0
+    for index, sample in enumerate(samples):
+        raw = read_map(_map_path(map_folder, sample.image_id, sample.image))
+        resized += raw.shape != shape
+        eight_bit += raw.dtype == np.uint8
+        maps[index] = _resized(raw.astype(np.float32), shape)
+    if size is None:
+        masks = np.stack([load_mask(sample.mask, shape) for sample in samples])
+    else:
+        masks = load_masks(samples, size)
+    gt = GroundTruth.from_masks(masks)
+    return CategoryScore(
+        metrics=evaluate(gt, maps, limit=limit),
+        undefined=gt.undefined_reasons(),
+        images=len(samples),
+        anomalous=int(gt.image_labels.sum()),
+        shape=shape,
+        resized=resized if size is None else 0,
+        eight_bit=eight_bit,
+    )
+
+
+def _native_shape(samples: Sequence[Sample], category: str) -> tuple[int, int]:
+    """The (height, width) of the category's ground truth: each mask's own, or a normal image's; one stack
+    of maps needs one shape, so a category whose images differ in size is scored with --size."""
+    shapes = {}
+    for sample in samples:
+        path = sample.mask or sample.image
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        shapes.setdefault((height, width), path)
+    if len(shapes) > 1:
+        listed = ", ".join(f"{h}x{w} ({path.name})" for (h, w), path in list(shapes.items())[:3])
+        raise InputError(
+            f"category {category!r}: test images have different sizes ({listed}): score them at one size "
+            "with --size N"
+        )
+    return next(iter(shapes))
+
+
+def read_map(path: Path) -> np.ndarray:
+    """One anomaly map (H, W) in its stored dtype; a non-2-D map, a non-numeric one or NaN / inf is an
+    InputError."""
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as image:
+                array = np.array(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read anomaly map {path}: {exc}") from exc
+    if array.ndim != 2:
+        raise InputError(f"anomaly map {path} has shape {array.shape}: expected one 2-D map (height, width)")
+    if array.dtype.kind not in "fiu":
+        raise InputError(f"anomaly map {path} holds {array.dtype} values: expected real numbers")
+    if not np.isfinite(array).all():
+        raise InputError(f"anomaly map {path} contains NaN or inf: expected finite scores")
+    return array
+
+
+def _resized(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if array.shape == shape:
+        return array
+    return np.asarray(Image.fromarray(array).resize(shape[::-1], Image.Resampling.BILINEAR))
+
+
+def _map_path(map_folder: Path, image_id: str, image: Path) -> Path:
+    found = [path for path in (map_folder / f"{image_id}{ext}" for ext in MAP_EXTENSIONS) if path.is_file()]
+    if not found:
+        raise InputError(
+            f"test image {image} has no anomaly map: expected {map_folder / image_id}.tiff "
+            f"(or {', '.join(MAP_EXTENSIONS[1:])})"
+        )
+    if len(found) > 1:
+        raise InputError(
+            f"test image {image} has several anomaly maps ({', '.join(map(str, found))}): keep one"
+        )
+    return found[0]
+
+
+def _check_no_extra_maps(map_folder: Path, image_ids: set[str], category: str, dataset_root: Path) -> None:
+    """Maps matching no test image usually mean a wrong folder or dataset: refuse rather than ignore them."""
+    for path in sorted(map_folder.rglob("*")):
+        if path.suffix.lower() not in MAP_EXTENSIONS or path.name.startswith(".") or not path.is_file():
+            continue
+        image_id = path.relative_to(map_folder).with_suffix("").as_posix()
+        if image_id not in image_ids:
+            raise InputError(
+                f"anomaly map {path} matches no test image of {category!r} in {dataset_root}: expected maps "
+                f"named after the test images, as {map_folder}/test/<defect>/<image name>.tiff"
+            )
+
+
+def categories_with_maps(
+    dataset: str, dataset_root: Path, maps_root: Path, category: str | None
+) -> list[str]:
+    """The categories to score: `category`, or every category of the dataset with a folder in `maps_root`."""
+    if not maps_root.is_dir():
+        raise InputError(f"--maps {maps_root} does not exist or is not a folder")
+    if category is not None:
+        (name,) = resolve_categories(dataset, dataset_root, category, None)
+        if not (maps_root / name).is_dir():
+            raise InputError(f"--category {name}: no maps folder {maps_root / name}")
+        return [name]
+    available = list_categories(dataset, dataset_root)
+    folders = sorted(p.name for p in maps_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [name for name in folders if name not in available]
+    if unknown:
+        raise InputError(
+            f"maps folder {maps_root / unknown[0]} matches no {dataset} category in {dataset_root}; "
+            f"categories: {', '.join(available)}"
+        )
+    if not folders:
+        raise InputError(
+            f"--maps {maps_root} has no category folder: expected {maps_root}/<category>/test/..."
+        )
+    return folders
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score anomaly maps stored in MVTec AD's evaluation layout",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--dataset-root", type=Path, required=True, metavar="DIR", help="the dataset's root")
+    parser.add_argument(
+        "--maps",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="maps as DIR/<category>/test/<defect>/<name>.tiff",
+    )
+    parser.add_argument(
+        "--category", default=None, help="one category (default: every one with a maps folder)"
+    )
+    parser.add_argument(
+        "--dataset", choices=SCORE_DATASETS, default="mvtec", help="dataset layout (default: mvtec)"
+    )
+    parser.add_argument("--limit", type=float, default=PRO_LIMIT, help="AUPRO FPR limit (default: 0.3)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help=f"score at N×N ({TRANSFUSION_SIZE}: TransFusion's protocol); default: each mask's own size, as "
+        "MVTec AD's evaluation script",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (metrics in [0, 1]) instead of a table"
+    )
+    parser.set_defaults(func=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    if not 0.0 < args.limit <= 1.0:
+        raise InputError(f"--limit {args.limit}: expected an FPR limit in (0, 1]")
+    if args.size is not None and args.size < 1:
+        raise InputError(f"--size {args.size}: expected a positive image side")
+    names = categories_with_maps(args.dataset, args.dataset_root, args.maps, args.category)
+    scores = {
+        name: score_category(args.dataset, args.dataset_root, args.maps, name, args.size, args.limit)
+        for name in names
+    }
+    mean = {metric: _mean([s.metrics[metric] for s in scores.values()]) for metric in METRIC_NAMES}
+    for note in _notes(scores):
+        print(f"tfsearch score: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_as_json(args, scores, mean), indent=2))
+    else:
+        print(_as_table(args, scores, mean))
+    return 0
+
+
+def _notes(scores: dict[str, CategoryScore]) -> list[str]:
+    """What the numbers depend on besides the maps: resized maps, 8-bit maps."""
+    notes = []
+    for name, s in scores.items():
+        if s.resized:
+            notes.append(
+                f"{name}: {s.resized} of {s.images} maps resized (bilinear) to their masks' size "
+                f"{s.shape[0]}x{s.shape[1]}"
+            )
+        if s.eight_bit:
+            notes.append(
+                f"warning: {name}: {s.eight_bit} maps are 8-bit images (256 levels): many pixels tie, which "
+                "changes AUROC, AP and AUPRO; store float maps as .tiff or .npy"
+            )
+    return notes
+
+
+def _mean(values: list[float]) -> float:
+    """Unweighted mean over the categories where the metric is defined (NaN if none)."""
+    defined = [value for value in values if not math.isnan(value)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def _as_json(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: dict[str, float]) -> dict:
+    def values(metrics: dict[str, float]) -> dict[str, float | None]:
+        return {name: None if math.isnan(metrics[name]) else metrics[name] for name in METRIC_NAMES}
+
+    return {
+        "dataset": args.dataset,
+        "dataset_root": str(args.dataset_root),
+        "maps": str(args.maps),
+        "limit": args.limit,
+        "size": args.size,  # null: each mask's own size
+        "categories": {
+            name: {
+                **values(s.metrics),
+                "undefined": s.undefined,
+                "images": s.images,
+                "anomalous": s.anomalous,
+                "shape": list(s.shape),
+                "resized": s.resized,
+                "eight_bit_maps": s.eight_bit,
+            }
+            for name, s in scores.items()
+        },
+        "mean": values(mean),
+    }
+
+
+def _as_table(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: dict[str, float]) -> str:
+    columns = {metric: max(len(metric), len("undefined")) + 2 for metric in METRIC_NAMES}
+
+    def cells(metrics: dict[str, float]) -> str:
+        return "".join(
+            f"{'undefined' if math.isnan(metrics[m]) else f'{100 * metrics[m]:.2f}':>{columns[m]}}"
+            for m in METRIC_NAMES
+        )
+
+    width = max(len("category"), *(len(name) for name in scores))
+    lines = [
+        f"{args.dataset} maps in {args.maps}: metrics in %, AUPRO to FPR {args.limit}, "
+        + (f"scored at {args.size}x{args.size}" if args.size else "scored at each mask's own size"),
+        f"{'category':<{width}}  images  anomalous" + "".join(f"{m:>{columns[m]}}" for m in METRIC_NAMES),
+    ]
+    lines += [
+        f"{name:<{width}}  {s.images:>6}  {s.anomalous:>9}{cells(s.metrics)}" for name, s in scores.items()
+    ]
+    lines.append(f"{'mean':<{width}}  {'':>6}  {'':>9}{cells(mean)}")
+    for name, s in scores.items():
+        for reason in sorted(set(s.undefined.values())):
+            metrics = ", ".join(m for m in METRIC_NAMES if s.undefined.get(m) == reason)
+            lines.append(f"{name}: {metrics} undefined: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""The plan of a run: everything `tfsearch run` does, resolved on the driver before any trial starts.
+
+Trials run in their own working folders, often on other nodes, so every path a user typed is made absolute
+here, once, and checked; an error names the flag and the path as typed. `start_run` decides whether the run
+starts or continues: it continues only with `--resume`, and only the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tfsearch.data import datasets
+from tfsearch.errors import InputError
+from tfsearch.run.space import Space, load_space
+from tfsearch.store.atomic import atomic_write_json
+from tfsearch.store.location import Location, run_location
+from tfsearch.store.run_folder import CONFIG_FILE
+from tfsearch.transfusion.profiles import GPU_PROFILES, QUICK_PROFILE, Profile
+from tfsearch.transfusion.trainer import TrainJob
+
+PROTOCOLS = ("test", "val")
+# the flags naming input folders; each is resolved on the driver (trials run in other working folders)
+INPUT_FOLDER_FLAGS = {
+    "data_root": "--data-root",
+    "texture_root": "--texture-root",
+    "fg_root": "--fg-root",
+    "val_root": "--val-root",
+}
+
+
+@dataclass
+class RunPlan:
+    """Everything a run does, resolved from the command line and the space; stored as `config.json`."""
+
+    name: str
+    run_dir: Path  # absolute
+    # STORAGE/NAME (the run folder itself without --storage): training runs and Tune's experiment state
+    location: Location
+    space: Space
+    dataset: str
+    data_root: Path | None
+    categories: list[str]
+    profile: Profile
+    milestones: tuple[int, ...]
+    select_on: str = "test"
+    val_root: Path | None = None
+    texture_root: Path | None = None
+    fg_root: Path | None = None
+    restrict_to_foreground: bool = True
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    allow_cpu: bool = False  # a GPU profile may train where a trial's node has no CUDA
+    seeds: int = 1  # training runs per category (and training configuration), seeds `training_seeds`
+    # not part of the plan's identity: may change on --resume
+    max_failures: int = 2
+    quiet: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16 autocast in the training trials (`Runtime.precision`)
+    channels_last: bool = False
+    # Weights & Biases: offline | online | disabled; not part of the plan's identity
+    wandb: str = "offline"
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+
+    @property
+    def storage(self) -> Path:
+        """Where this machine reads the training runs: the storage folder, or the run's cache of an object
+        store (filled by the selection stage's `fetch_training_results`)."""
+        return self.location.local_path if self.location.is_local else self.run_dir / "cache"
+
+    @property
+    def storage_is_elsewhere(self) -> bool:
+        """Whether the storage is apart from the run folder, so that results must be copied there."""
+        return not (self.location.is_local and self.location.local_path == self.run_dir)
+
+    @property
+    def validation(self) -> str:
+        if self.select_on == "test":
+            return "none"
+        return "folder" if self.val_root else "synthetic"
+
+    @property
+    def selection_split(self) -> str:
+        return "val" if self.select_on == "val" else "test"
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The categories each study selects for: one each, or all together with scope global."""
+        return [self.categories] if self.space.scope == "global" else [[c] for c in self.categories]
+
+    def job(self, category: str) -> TrainJob:
+        """The training job of a category with the profile's own training hyperparameters."""
+        return TrainJob(
+            dataset=self.dataset,
+            category=category,
+            profile=self.profile,
+            data_root=self.data_root,
+            milestones=self.milestones,
+            texture_root=self.texture_root,
+            fg_root=self.fg_root,
+            restrict_to_foreground=self.restrict_to_foreground,
+            validation=self.validation,
+            val_root=self.val_root,
+        )
+
+    def train_dir(self, category: str, model: str) -> Path:
+        return self.storage / "train" / category / model
+
+    @property
+    def training_seeds(self) -> list[int | None]:
+        """The seed of each training run of a category: None (the profile's own seed, in the folder of the
+        model alone) with one seed, else the profile's seed + 0 .. K-1, each in a folder of its own."""
+        if self.seeds == 1:
+            return [None]
+        return [self.profile.seed + index for index in range(self.seeds)]
+
+    def describe(self) -> dict:
+        """The plan as JSON; two plans that describe the same are the same run."""
+        return {
+            "name": self.name,
+            "storage": self.location.uri,
+            "space": {"name": self.space.name, "source": self.space.source},
+            "scope": self.space.scope,
+            "dataset": self.dataset,
+            "data_root": str(self.data_root) if self.data_root else None,
+            "categories": self.categories,
+            "profile": self.profile.to_dict(),
+            "milestones": list(self.milestones),
+            "select_on": self.select_on,
+            "val_root": str(self.val_root) if self.val_root else None,
+            "texture_root": str(self.texture_root) if self.texture_root else None,
+            "fg_root": str(self.fg_root) if self.fg_root else None,
+            "restrict_to_foreground": self.restrict_to_foreground,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            **({"seeds": self.seeds} if self.seeds > 1 else {}),  # a one-seed run's plan reads as before
+            "selection": {
+                "metric": self.space.metric,
+                "sampler": self.space.sampler,
+                "trials": self.space.trials,
+            },
+        }
+
+    def trial_settings(self) -> dict:
+        """What every training trial needs besides its own config (category, training hyperparameters)."""
+        return {
+            "job": self.job("").to_dict(),
+            "storage": self.location.uri,
+            "split": self.selection_split,
+            "metric": self.space.metric,
+            "lam": self.profile.lam,
+            "kernel": self.profile.kernel,
+            "protocol": self.select_on,
+            "cpus": self.cpus_per_trial,
+            "allow_cpu": self.allow_cpu,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+        }
+
+
+def model_id(train_params: dict) -> str:
+    """A readable, filesystem-safe name for a training configuration."""
+    if not train_params:
+        return "default"
+    return "-".join(f"{k}={train_params[k]:.4g}" for k in sorted(train_params)).replace("/", "_")
+
+
+SEED_MARK = "-seed="
+
+
+def seeded_model(model: str, seed: int | None) -> str:
+    """The folder of one training run: the model's id, and with several seeds the seed after it
+    (`default-seed=4`); `split_seed` reads it back."""
+    return model if seed is None else f"{model}{SEED_MARK}{seed}"
+
+
+def split_seed(folder: str) -> tuple[str, int | None]:
+    """A training run's folder name as (model id, seed or None); the inverse of `seeded_model`."""
+    model, mark, seed = folder.rpartition(SEED_MARK)
+    return (model, int(seed)) if mark and seed.isdigit() else (folder, None)
+
+
+def resolve_seeds(typed: int | None, space: Space) -> int:
+    """`--seeds`, else the space's `seeds:` key; a count below 1 is an error naming the flag."""
+    seeds = space.seeds if typed is None else typed
+    if seeds < 1:
+        raise InputError(f"--seeds {typed}: expected a positive number of training runs per category")
+    if seeds > 1 and space.training is not None:
+        raise InputError(
+            f"--seeds {seeds} (or the space's seeds: key) with the training: parameters of {space.source}:"
+            " several seeds per training configuration are not supported yet; use one seed there"
+        )
+    return seeds
+
+
+def input_folder(flag: str, typed: Path | str | None) -> Path | None:
+    """An input folder as an absolute path, checked here on the driver; the error names the flag and the
+    path as the user typed it."""
+    if typed is None:
+        return None
+    folder = Path(typed).expanduser().resolve()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{flag} {typed}: {what} (resolved to {folder})")
+    return folder
+
+
+def make_plan(args) -> RunPlan:
+    space = load_space(args.space)
+    if args.select_on not in PROTOCOLS:
+        raise InputError(f"--select-on must be one of {PROTOCOLS}, got {args.select_on!r}")
+    if args.val_root is not None and args.select_on != "val":
+        raise InputError("--val-root only applies with --select-on val")
+    folders = {key: input_folder(flag, getattr(args, key)) for key, flag in INPUT_FOLDER_FLAGS.items()}
+    local_cuda = None if args.address else torch.cuda.is_available()  # a cluster may add GPUs later
+    profile_name = args.profile
+    if (
+        profile_name is None
+        and args.dataset in datasets.GENERATED_DATASETS
+        and local_cuda is False
+        and space.profile in GPU_PROFILES
+    ):
+        profile_name = QUICK_PROFILE
+        if not args.quiet:
+            print(
+                f"[run] no GPU on this machine: the demo runs the quick profile {QUICK_PROFILE!r} instead of"
+                f" the space's {space.profile!r} (--profile {space.profile} to insist)",
+                flush=True,
+            )
+    profile = space.resolve_profile(profile_name)
+    if args.epochs:
+        profile = profile.with_epochs(args.epochs)
+    categories = datasets.resolve_categories(
+        args.dataset, folders["data_root"], args.category, args.categories
+    )
+    gpus_per_trial = args.gpus_per_trial
+    if gpus_per_trial is None:
+        gpus_per_trial = 1.0 if profile.name in GPU_PROFILES else 0.0
+    if gpus_per_trial < 0:
+        raise InputError(
+            f"--gpus-per-trial {gpus_per_trial}: expected 0 (CPU), a fraction or a count of GPUs"
+        )
+    if gpus_per_trial > 0 and local_cuda is False:
+        raise InputError(
+            f"the {profile.name!r} profile asks each trial for {gpus_per_trial:g} GPU and this machine has"
+            f" none (no --address): use the quick profile (--profile {QUICK_PROFILE}), or --gpus-per-trial 0"
+            " to train on the CPU (the paper profile takes days per category there), or --address to join"
+            " a cluster with GPUs"
+        )
+    seeds = resolve_seeds(getattr(args, "seeds", None), space)
+    name = args.name or f"{space.name}-{args.dataset}"
+    run_dir = Path(args.runs_root).expanduser().resolve() / name
+    location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
+    return RunPlan(
+        name=name,
+        run_dir=run_dir,
+        location=location,
+        space=space,
+        dataset=args.dataset,
+        categories=categories,
+        profile=profile,
+        milestones=space.resolve_milestones(profile),
+        select_on=args.select_on,
+        restrict_to_foreground=not args.no_foreground,
+        gpus_per_trial=gpus_per_trial,
+        allow_cpu=args.allow_cpu,
+        seeds=seeds,
+        cpus_per_trial=args.cpus_per_trial,
+        max_failures=args.max_failures,
+        quiet=args.quiet,
+        precision=args.precision or stored_precision(run_dir),
+        channels_last=args.channels_last,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+        wandb_entity=args.wandb_entity,
+        **folders,
+    )
+
+
+def stored_precision(run_dir: Path) -> str:
+    """Without `--precision`: the precision the run in `run_dir` was started with, which `--resume` keeps
+    (runs started before `auto` existed trained in fp32 by default), else `auto`."""
+    config = run_dir / CONFIG_FILE
+    return json.loads(config.read_text()).get("precision", "fp32") if config.is_file() else "auto"
+
+
+def start_run(plan: RunPlan, resume: bool) -> None:
+    """Create the run folder, or check that `--resume` continues the same plan.
+
+    Without `--resume` a run never continues anything: an existing run folder, or an existing experiment
+    at its storage (a run of the same name started from another folder or machine), stops it.
+    """
+    config = plan.run_dir / CONFIG_FILE
+    if config.exists():
+        if not resume:
+            raise InputError(
+                f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
+            )
+        stored = json.loads(config.read_text())
+        # a profile stored before a field was added reads with that field's value of its base profile
+        stored["profile"] = Profile.from_dict(stored["profile"]).to_dict()
+        current, stored = (json.loads(json.dumps(d)) for d in (plan.describe(), stored))  # tuples as lists
+        changed = sorted(k for k, v in current.items() if stored.get(k) != v)
+        if changed:
+            seeds = (
+                f"; --seeds {plan.seeds} where the run trained {stored.get('seeds', 1)} seed(s)"
+                if "seeds" in changed
+                else ""
+            )
+            raise InputError(f"--resume: this command differs from {config} in {changed}{seeds}")
+        # before one experiment held every category, a training search had one per category (train-CATEGORY):
+        # resuming would start the search again beside them, in the same studies
+        per_category = [name for name in plan.location.folders("tune") if name.startswith("train-")]
+        if per_category:
+            raise InputError(
+                f"--resume: {plan.location.child('tune', per_category[0]).uri} is a training experiment of an"
+                " earlier tfsearch (one per category), which this version cannot continue: start the run"
+                " again under another --name"
+            )
+        return
+    if resume:
+        raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
+    existing = [folder for folder in ("tune", "train") if plan.location.folders(folder)]
+    if existing:
+        raise InputError(
+            f"--storage: {plan.location.child(existing[0]).uri} already holds a run named {plan.name!r};"
+            " resume it from its run folder with --resume, or choose another --name"
+        )
+    atomic_write_json(config, plan.describe())
+    if plan.storage_is_elsewhere:  # `tfsearch report STORAGE/NAME` can follow the run from the start
+        plan.location.upload(config, CONFIG_FILE)

@@ -1,0 +1,133 @@
+"""The run folder's schema: its files, the columns of its tables and the readers that every stage shares.
+
+This module sits at the bottom of the search's layers (plan, trainable, training stage, selection stage,
+tables, report): each of them, `tfsearch.store.location` and `tfsearch report` read run folders through the names
+here, so none of them imports another stage to learn a column name. It imports neither torch nor Ray.
+
+A run folder (`--runs-root`/NAME) holds:
+
+    config.json     the resolved plan (space, dataset, categories, profile, milestones, protocol, ...)
+    studies.db      the Optuna studies (SQLite on a local disk), or studies.journal (Optuna's JournalStorage)
+                    when the run folder is on shared storage
+    trials.csv      one row per training milestone and per selection candidate (rebuilt from the above)
+    selected.csv    per category: the default configuration's and the selected configuration's metrics
+                    (with --seeds K > 1: the mean over seeds, a `seeds` column and a `*_std` per metric)
+    importance.csv  per dataset (and category): how much epoch, λ and n move the selection metric
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.transfusion.trainer); with
+                    --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.run.plan.seeded_model)
+    tune/           Ray Tune's experiment state, which `--resume` restores
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tfsearch.maps.metrics import METRIC_NAMES
+from tfsearch.store.atomic import atomic_write_text
+
+CONFIG_FILE = "config.json"
+TRIALS_FILE = "trials.csv"
+SELECTED_FILE = "selected.csv"
+IMPORTANCE_FILE = "importance.csv"
+IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
+# each training run's log of finished milestones (one row per milestone; see the trainable)
+MILESTONE_LOG = "milestones.json"
+IMPORTANCE_FILE = "importance.csv"
+RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE, IMPORTANCE_FILE)
+TRAIN_FOLDER = "train"
+# the training configuration of the profile itself (other ids name searched training hyperparameters)
+DEFAULT_MODEL = "default"
+
+TRIAL_COLUMNS = (
+    "dataset",
+    "category",
+    "stage",
+    "space",
+    "protocol",
+    "split",
+    "model",
+    "epoch",
+    "lam",
+    "kernel",
+    *METRIC_NAMES,
+    "objective",
+    "study",
+    "trial",
+    "status",
+    "node_id",
+    "started_at",
+    "finished_at",
+    "images_per_second",
+    "loss",
+)
+CONFIG_FIELDS = ("model", "epoch", "lam", "kernel", "selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SELECTED_COLUMNS = (
+    "dataset",
+    "category",
+    "space",
+    "protocol",
+    "selection_metric",
+    *(f"default_{f}" for f in CONFIG_FIELDS),
+    *(f"selected_{f}" for f in CONFIG_FIELDS),
+    # how well the selection data ranked the candidates: configurations (default included) sharing the best
+    # selection value, the metric that settled such a tie (--select-on val), and whether nothing did
+    "tied_at_best",
+    "tie_break_metric",
+    "cannot_rank",
+    "status",  # ok | failed (training failed for good; nothing is selected)
+    "error",
+)
+IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
+# a run with several seeds per category (`--seeds`) adds these columns; a one-seed run's tables are as above
+SEED_COLUMN = "seed"  # trials.csv: the seed of a training row's run (selection rows: the mean over seeds)
+SEED_SPREAD_FIELDS = ("selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SELECTED_SEED_COLUMNS = (
+    "seeds",  # how many seeds each `default_*`/`selected_*` metric is the mean of
+    *(f"{prefix}_{f}_std" for prefix in ("default", "selected") for f in SEED_SPREAD_FIELDS),
+)
+
+
+def trial_columns(seeds: int) -> tuple[str, ...]:
+    """The columns of trials.csv for a run of `seeds` seeds per category."""
+    return TRIAL_COLUMNS + ((SEED_COLUMN,) if seeds > 1 else ())
+
+
+def selected_columns(seeds: int) -> tuple[str, ...]:
+    """The columns of selected.csv for a run of `seeds` seeds per category."""
+    return SELECTED_COLUMNS + (SELECTED_SEED_COLUMNS if seeds > 1 else ())
+
+
+def maps_folder(train_dir: Path, epoch: int, split: str = "test") -> Path:
+    """The map cache (tfsearch.maps.cache) of one milestone and split inside a training run's folder."""
+    return Path(train_dir) / "maps" / split / f"epoch-{epoch:04d}"
+
+
+def now() -> str:
+    """A timestamp as the tables write it (UTC, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_milestone_log(train_dir: Path) -> list[dict]:
+    path = Path(train_dir) / MILESTONE_LOG
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A table with exactly `columns`, written atomically; NaN and None become empty cells."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: format_cell(row.get(k, "")) for k in columns})
+    atomic_write_text(path, out.getvalue())
+
+
+def format_cell(value: object) -> object:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return "" if value is None else value

@@ -1,0 +1,1 @@
+"""The model: profiles, UNet, transparency process, synthesis, trainer, inference (no Ray, no Optuna)."""

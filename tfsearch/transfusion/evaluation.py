@@ -1,0 +1,109 @@
+"""`tfsearch evaluate RUN_DIR`: the paper's metrics of a trained run at one milestone, λ and n, and image and
+pixel AUROC per defect kind (the test folders), which a mean over kinds hides.
+
+The raw maps come from the run's map cache; a milestone whose checkpoint exists but whose maps do not gets
+them computed once (and cached) from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tfsearch.data.datasets import defect_kind
+from tfsearch.errors import InputError
+from tfsearch.maps.cache import read_map_set
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate, per_kind
+from tfsearch.transfusion.trainer import Runtime, TrainDir, Trainer, add_runtime_arguments
+
+
+def milestone_maps(run_dir: Path, epoch: int | None = None, runtime: Runtime | None = None) -> Path:
+    """The map-cache folder of `epoch` (default: the last milestone with weights or maps)."""
+    train_dir = TrainDir(run_dir)
+    job = train_dir.load_job()
+    with_maps = train_dir.map_epochs()
+    available = sorted(set(with_maps) | set(train_dir.weight_epochs()))
+    if not available:
+        raise InputError(f"{run_dir} has no finished milestone yet (no weights and no maps)")
+    epoch = available[-1] if epoch is None else epoch
+    if epoch not in available:
+        raise InputError(f"--epoch {epoch}: {run_dir} has milestones {available}")
+    if epoch not in with_maps:
+        trainer = Trainer(job, run_dir, runtime or Runtime(progress=False))
+        trainer.load_weights(epoch)
+        trainer.write_maps(epoch)
+    return train_dir.maps(epoch)
+
+
+def evaluate_run(
+    run_dir: Path,
+    epoch: int | None = None,
+    lam: float | None = None,
+    kernel: int | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, object]:
+    """Metrics of one (epoch, λ, n) configuration of a training run; λ and n default to the profile's.
+    `per_kind` holds each defect kind's image and pixel AUROC (`tfsearch.maps.metrics.per_kind`)."""
+    job = TrainDir(run_dir).load_job()
+    lam = job.profile.lam if lam is None else lam
+    kernel = job.profile.kernel if kernel is None else kernel
+    maps = read_map_set(milestone_maps(run_dir, epoch, runtime))
+    fused = MapFuser(maps.m_disc, maps.m_recon).fuse(lam, kernel)
+    metrics = evaluate(GroundTruth.from_masks(maps.masks), fused)
+    return {
+        "dataset": job.dataset,
+        "category": job.category,
+        "epoch": int(maps.meta["epoch"]),
+        "lam": lam,
+        "kernel": kernel,
+        "images": len(maps.image_ids),
+        "anomalous": int(maps.labels.sum()),
+        **{name: metrics[name] for name in METRIC_NAMES},
+        "per_kind": per_kind(maps.masks, fused, [defect_kind(i) for i in maps.image_ids]),
+    }
+
+
+def format_value(value: float) -> str:
+    return "undefined" if math.isnan(value) else f"{100 * value:.2f}"
+
+
+def json_ready(value: object) -> object:
+    """`value` with every NaN, however deeply nested, as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="metrics of a trained run at one milestone, λ and n")
+    parser.add_argument("run_dir", type=Path, help="a folder written by `tfsearch train`")
+    parser.add_argument("--epoch", type=int, help="milestone epoch (default: the last one)")
+    parser.add_argument(
+        "--lam", type=float, help="weight of M_disc in the fused map (default: the profile's)"
+    )
+    parser.add_argument("--kernel", type=int, help="odd mean-filter size n (default: the profile's)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    runtime = Runtime(args.device, args.precision, args.loader_workers, False, args.channels_last)
+    result = evaluate_run(args.run_dir, args.epoch, args.lam, args.kernel, runtime)
+    if args.json:
+        print(json.dumps(json_ready(result)))
+        return 0
+    print(
+        f"{result['dataset']}/{result['category']}  epoch {result['epoch']}  "
+        f"λ {result['lam']}  n {result['kernel']}"
+        f"  ({result['images']} test images, {result['anomalous']} anomalous)"
+    )
+    for name in METRIC_NAMES:
+        print(f"  {name:<13} {format_value(result[name])}")
+    normal = result["images"] - result["anomalous"]
+    print(f"  per defect kind (its anomalous images against all {normal} normal ones):")
+    for kind, values in result["per_kind"].items():
+        image, pixel = format_value(values["image_auroc"]), format_value(values["pixel_auroc"])
+        print(f"    {kind:<16} {values['anomalous']:>4} images  image_auroc {image}  pixel_auroc {pixel}")
+    return 0
