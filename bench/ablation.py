@@ -6,10 +6,10 @@
 
 Each variant is the `--profile` (default `cpu`: 64 px, 16 channels, 40 epochs, lr 1e-3) with some fields
 changed (`VARIANTS`; `base` changes nothing, `subtle` gives half the anomalies the subtle appearances of
-`tfsearch.transfusion.synthesis`), or with real-photograph-like anomaly sources: `textures` gives the anomaly synthesiser,
-in place of the procedural textures, a DTD-layout folder made of the good training images of the realistic
-demo's other categories; `a+b` combines variants. Every (variant, category) trains from scratch on `--dataset
-demo_real` (the profile's seed, 3) with one milestone, the last epoch, in the profile's precision
+`tfsearch.transfusion.synthesis`), or with real-photograph-like anomaly sources: `textures` gives the anomaly
+synthesiser, in place of the procedural textures, a DTD-layout folder made of the good training images of the
+realistic demo's other categories; `a+b` combines variants. Every (variant, category) trains from scratch on
+`--dataset demo_real` (the profile's seed, 3) with one milestone, the last epoch, in the profile's precision
 (`--precision auto`), then is scored at the profile's default λ and n, and at λ = 1 (the discriminative map
 alone) and λ = 0 (the reconstruction map alone: whether that branch carries any signal at this size). It
 prints one row per (variant, category): image and pixel AUROC, image AUROC per defect kind, the two
@@ -34,8 +34,10 @@ from bench.patch_gaussian import PATCH_AT_128, evaluate_category
 from tfsearch.data.demo import realistic_demo_root
 from tfsearch.data.demo_real import REALISTIC_CATEGORIES
 from tfsearch.transfusion.evaluation import evaluate_run
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import PROFILES, get_profile
-from tfsearch.transfusion.trainer import Runtime, TrainJob, train
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import train
 
 # profile fields changed from the base profile, per variant (`textures` changes the anomaly source instead)
 VARIANTS: dict[str, dict[str, object]] = {

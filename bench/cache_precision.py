@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from tfsearch.data.demo import demo_root
-from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate
 from tfsearch.transfusion.inference import anomaly_maps
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import get_profile
-from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer
 
 
 def compare(category: str, epochs: int, folder: Path) -> float:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import get_profile
-from tfsearch.transfusion.trainer import Trainer, TrainJob
+from tfsearch.transfusion.trainer import Trainer
 
 
 def saved_bytes(state: dict) -> int:

@@ -30,9 +30,12 @@ from bench.patch_gaussian import PATCH_AT_128, PatchGaussian
 from tfsearch.data import datasets
 from tfsearch.data.demo_real import TINTS
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import auroc, fuse, image_scores
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import auroc, image_scores
 from tfsearch.transfusion.inference import anomaly_maps
-from tfsearch.transfusion.trainer import Runtime, TrainDir, Trainer
+from tfsearch.transfusion.job import TrainDir
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer
 
 
 def colour_axes(train_images: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # `tfsearch train` and `tfsearch evaluate` alone, so that Ray, Optuna and W&B are not imported
 tfsearch() {
   python3 -c 'import sys; from tfsearch.cli import main
-sys.exit(main(sys.argv[1:], modules=("tfsearch.transfusion.trainer", "tfsearch.transfusion.evaluation")))' "$@"
+sys.exit(main(sys.argv[1:], modules=("tfsearch.cli.train", "tfsearch.cli.evaluate")))' "$@"
 }
 category=${1:-marble}
 budget=${2:-400}

@@ -28,7 +28,8 @@ from scipy import ndimage
 from scipy.signal import convolve2d
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate
+from tfsearch.maps.fusion import MapFuser
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate
 
 try:  # optional: imported up front so that its import time is not timed
     import adeval

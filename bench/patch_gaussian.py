@@ -23,6 +23,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from scipy import linalg
 
+from tfsearch.cli.common import add_data_arguments
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
 from tfsearch.maps.metrics import GroundTruth, evaluate, per_kind
@@ -83,7 +84,7 @@ def evaluate_category(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    datasets.add_data_arguments(parser, multiple=True)
+    add_data_arguments(parser, multiple=True)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="image sides to run at")
     parser.add_argument(
         "--patch", type=int, default=None, help=f"patch side (default: {PATCH_AT_128} at 128 px, scaled)"

@@ -3,13 +3,14 @@
     python bench/predict.py --profile cpu --images 32
     python bench/predict.py --profile paper --images 2      # ~30 s per image on 2 CPU cores
 
-Both paths score the same test images of one category with a model at its final milestone (its weights
-as initialised: throughput does not depend on training). `evaluate` is `tfsearch.transfusion.evaluation.evaluate_run` on a
-training run that has a checkpoint but no maps yet: it decodes the category (training images, foreground,
-test set), runs the reverse process at the profile's inference batch, caches the maps and computes the
-metrics. `predict` is `tfsearch.deploy.detector.run_prediction` on an export of that checkpoint: it checks and
-decodes the images, runs the reverse process, fuses, and writes a TIFF map, an overlay PNG and scores.csv.
-Both are timed at batch 1 and 16 (at most the number of images), wall clock including their one-off costs.
+Both paths score the same test images of one category with a model at its final milestone (its weights as
+initialised: throughput does not depend on training). `evaluate` is
+`tfsearch.transfusion.evaluation.evaluate_run` on a training run that has a checkpoint but no maps yet: it
+decodes the category (training images, foreground, test set), runs the reverse process at the profile's
+inference batch, caches the maps and computes the metrics. `predict` is
+`tfsearch.deploy.detector.run_prediction` on an export of that checkpoint: it checks and decodes the images,
+runs the reverse process, fuses, and writes a TIFF map, an overlay PNG and scores.csv. Both are timed at batch
+1 and 16 (at most the number of images), wall clock including their one-off costs.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ import torch
 
 from tfsearch.data.demo import demo_root
 from tfsearch.deploy.detector import run_prediction
-from tfsearch.deploy.export import Selected, export_category
+from tfsearch.deploy.export import export_category
+from tfsearch.deploy.selected import Selected
 from tfsearch.transfusion.evaluation import evaluate_run
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import get_profile
-from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer
 
 CATEGORY = "stripes"
 

@@ -26,8 +26,10 @@ import torch
 def measure(args: argparse.Namespace) -> dict:
     from tfsearch.data.datasets import DEMO_CATEGORIES
     from tfsearch.transfusion.inference import anomaly_maps
+    from tfsearch.transfusion.job import TrainJob
     from tfsearch.transfusion.profiles import get_profile
-    from tfsearch.transfusion.trainer import Runtime, Trainer, TrainJob, to_signed
+    from tfsearch.transfusion.runtime import Runtime
+    from tfsearch.transfusion.trainer import Trainer, to_signed
 
     profile = get_profile(args.profile, batch_size=args.batch)
     job = TrainJob(dataset="demo", category=args.category or DEMO_CATEGORIES[0], profile=profile)

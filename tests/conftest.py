@@ -97,7 +97,7 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, demo_dataset_root: Path
     finally:
         os.chdir(previous)
     return SimpleNamespace(
-        root=root, argv=argv, plan=plan, run_dir=plan.run_dir, train=plan.storage / "train", selected=selected
+        root=root, argv=argv, plan=plan, run_dir=plan.run_dir, train=plan.training_root, selected=selected
     )
 
 

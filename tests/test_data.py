@@ -8,21 +8,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tfsearch.cli.common import add_data_arguments
 from tfsearch.data.datasets import (
     DATASETS,
     MVTEC_CATEGORIES,
     TEXTURE_CATEGORIES,
     VISA_CATEGORIES,
-    add_data_arguments,
     largest_first,
     list_categories,
     load_category,
-    load_image,
     load_images,
-    load_mask,
     load_masks,
     resolve_categories,
 )
+from tfsearch.data.images import load_image, load_mask
 from tfsearch.errors import InputError
 
 

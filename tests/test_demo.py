@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tfsearch.cli import demo as demo_command
 from tfsearch.data import demo
-from tfsearch.data.datasets import list_categories, load_category, load_image, load_masks
+from tfsearch.data.datasets import list_categories, load_category, load_masks
 from tfsearch.data.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, write_demo
+from tfsearch.data.images import load_image
 from tfsearch.errors import InputError
 
 
@@ -79,7 +81,7 @@ def test_masks_are_exactly_the_pixels_a_defect_changes(name):
 
 def test_same_seed_is_byte_identical_and_another_seed_differs(demo_dataset_root, tmp_path):
     parser = argparse.ArgumentParser()
-    demo.register(parser.add_subparsers(dest="command"))
+    demo_command.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["data", "demo", "--out", str(tmp_path / "again"), "--seed", "0"])
     assert args.func(args) == 0
     assert _files(tmp_path / "again") == _files(demo_dataset_root)
@@ -91,9 +93,9 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(demo_dataset_root,
 
 def test_cli_prints_where_it_wrote_and_the_categories(demo_dataset_root, tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
-    demo.register(parser.add_subparsers(dest="command"))
+    demo_command.register(parser.add_subparsers(dest="command"))
     calls = []
-    monkeypatch.setattr(demo, "write_demo", lambda out, seed: calls.append((out, seed)) or out)
+    monkeypatch.setattr(demo_command, "write_demo", lambda out, seed: calls.append((out, seed)) or out)
     args = parser.parse_args(["data", "demo", "--out", str(tmp_path / "d"), "--seed", "7"])
     assert args.func(args) == 0
     assert calls == [(tmp_path / "d", 7)]

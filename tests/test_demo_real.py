@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tfsearch.cli import build_parser
+from tfsearch.cli import demo as demo_command
 from tfsearch.data import demo, demo_real
 from tfsearch.data.datasets import is_texture_category, list_categories, load_category, load_masks
 from tfsearch.data.demo import Counts, realistic_demo_root, write_realistic_demo
@@ -110,9 +111,11 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(tiny_root, tmp_pat
 
 def test_cli_writes_the_realistic_demo_with_the_flag(tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
-    demo.register(parser.add_subparsers(dest="command"))
+    demo_command.register(parser.add_subparsers(dest="command"))
     calls = []
-    monkeypatch.setattr(demo, "write_realistic_demo", lambda out, seed: calls.append((out, seed)) or out)
+    monkeypatch.setattr(
+        demo_command, "write_realistic_demo", lambda out, seed: calls.append((out, seed)) or out
+    )
     args = parser.parse_args(["data", "demo", "--realistic", "--out", str(tmp_path / "d"), "--seed", "4"])
     assert args.func(args) == 0
     assert calls == [(tmp_path / "d", 4)]

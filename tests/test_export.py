@@ -17,10 +17,11 @@ from tfsearch.deploy.detector import Detector, resized
 from tfsearch.deploy.export import choose_threshold, read_export
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import auroc, fuse, image_scores
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import auroc, image_scores
 from tfsearch.maps.score import read_map
+from tfsearch.transfusion.job import TrainDir
 from tfsearch.transfusion.profiles import Profile
-from tfsearch.transfusion.trainer import TrainDir
 from tfsearch.transfusion.unet import TransFusionUNet
 
 

@@ -12,16 +12,14 @@ from scipy.signal import convolve2d
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from tfsearch.errors import InputError
+from tfsearch.maps.fusion import MapFuser, fuse, mean_filter
 from tfsearch.maps.metrics import (
     METRIC_NAMES,
     GroundTruth,
-    MapFuser,
     aupro,
     auroc,
     evaluate,
-    fuse,
     image_auroc,
-    mean_filter,
     pixel_ap,
     pixel_auroc,
     pixel_f1_max,

@@ -18,11 +18,11 @@ from test_train import tiny_profile
 
 from tfsearch import report
 from tfsearch.cli import build_parser, main
+from tfsearch.cli.train import chosen_profile, default_profile
 from tfsearch.run.plan import RunPlan, make_plan
-from tfsearch.run.training.stage import ProgressView
+from tfsearch.run.training.callbacks import ProgressView
 from tfsearch.transfusion.profiles import PROFILES
 from tfsearch.transfusion.protocol import paper_protocol_note
-from tfsearch.transfusion.trainer import chosen_profile, default_profile
 
 TEXTURES = "procedural anomaly textures instead of DTD (--texture-root DTD/images)"
 

@@ -18,8 +18,8 @@ from tfsearch.errors import InputError
 from tfsearch.maps.cache import MapSet, write_map_set
 from tfsearch.maps.metrics import per_kind
 from tfsearch.store.run_folder import maps_folder
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import get_profile
-from tfsearch.transfusion.trainer import TrainJob
 
 SIDE = 8
 # (kind, image score): each map's maximum; an anomalous map holds it on its defect pixels, 0.1 less elsewhere.

@@ -20,7 +20,8 @@ from tfsearch import report
 from tfsearch.cli import main
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import MapSet, write_map_set
-from tfsearch.maps.metrics import GroundTruth, evaluate, fuse
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import GroundTruth, evaluate
 from tfsearch.report.figures import KERNELS, LAMBDAS
 from tfsearch.report.published import normalise
 from tfsearch.store.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS
@@ -408,8 +409,8 @@ def test_no_maps_no_curve_and_no_candidate_fallback(tmp_path):
 def test_import_leaves_torch_ray_and_the_search_out():
     code = (
         "import sys, tfsearch.report\n"
-        "print([m for m in ('torch', 'ray', 'optuna', 'tfsearch.run.pipeline', 'tfsearch.transfusion.trainer',"
-        " 'tfsearch.run.selection.candidates')"
+        "print([m for m in ('torch', 'ray', 'optuna', 'tfsearch.run.pipeline',"
+        " 'tfsearch.transfusion.trainer', 'tfsearch.run.selection.candidates')"
         " if m in sys.modules])"
     )
     result = subprocess.run(

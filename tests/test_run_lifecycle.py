@@ -19,7 +19,8 @@ from tfsearch.errors import InputError
 from tfsearch.run.pipeline import execute
 from tfsearch.run.plan import make_plan
 from tfsearch.run.results import candidate_rows
-from tfsearch.run.selection.candidates import Config, StudyPlan, run_study
+from tfsearch.run.selection.candidates import Candidate
+from tfsearch.run.selection.study import StudySpec, run_study
 from tfsearch.run.space import parse_space
 from tfsearch.run.training.trainable import train_category
 from tfsearch.store.studies import STUDIES_DB, STUDIES_JOURNAL, filesystem_type, open_studies, studies_file
@@ -74,7 +75,7 @@ def stripes_fails(attempts: Path):
         if config["category"] != "stripes":
             return train_category(config, settings)
         lines = attempts.read_text().splitlines() if attempts.exists() else []
-        first = Path(settings["storage"]) / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001"
+        first = Path(settings.storage_uri) / "train" / "stripes" / "default" / "checkpoints" / "epoch-0001"
         stamp = str((first / "model.pt").stat().st_mtime_ns) if first.exists() else "none"
         attempts.write_text("\n".join([*lines, stamp]) + "\n")
         if len(lines) == 0:
@@ -157,27 +158,29 @@ class ScoredCandidates:
     def __init__(self, interrupt_at: int | None = None) -> None:
         self.calls, self.interrupt_at = 0, interrupt_at
 
-    def candidate_metrics(self, config: Config, metric: str, all_metrics: bool = False) -> dict[str, float]:
+    def candidate_metrics(
+        self, config: Candidate, metric: str, all_metrics: bool = False
+    ) -> dict[str, float]:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
         return {metric: config.lam / 2 + config.kernel / 10}
 
 
-def sampled_study_plan(candidates) -> StudyPlan:
+def sampled_study_plan(candidates) -> StudySpec:
     payload = {
         **TINY,
         "selection": {"metric": "image_auroc", "sampler": "random", "trials": 8, "seed": 0},
         "params": {"epoch": "last", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3, 5]}},
     }
     space = parse_space(payload, "sampled.yaml")
-    default = Config("default", 2, 0.95, 3)
-    return StudyPlan("sampled/demo/stripes", space, {"stripes": candidates}, [("default", 2)], default)
+    default = Candidate("default", 2, 0.95, 3)
+    return StudySpec("sampled/demo/stripes", space, {"stripes": candidates}, [("default", 2)], default)
 
 
 @pytest.mark.parametrize("studies", [STUDIES_DB, STUDIES_JOURNAL])
 def test_an_interrupted_study_evaluates_every_candidate_it_started_exactly_once(tmp_path, studies):
-    from tfsearch.run.selection.candidates import make_sampler, open_study, suggest
+    from tfsearch.run.selection.study import make_sampler, open_study, suggest
 
     storage = open_studies(tmp_path / studies)
     with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th fails
@@ -229,7 +232,8 @@ def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):
 def test_the_report_imports_neither_torch_nor_the_search():
     code = (
         "import sys, tfsearch.report\n"
-        "loaded = [m for m in ('torch', 'ray', 'tfsearch.run.pipeline', 'tfsearch.transfusion.trainer') if m in sys.modules]\n"
+        "loaded = [m for m in ('torch', 'ray', 'tfsearch.run.pipeline', 'tfsearch.transfusion.trainer')"
+        " if m in sys.modules]\n"
         "print(loaded)"
     )
     result = subprocess.run(

@@ -20,7 +20,7 @@ from tfsearch.run.selection.stage import Selection
 from tfsearch.run.space import builtin_spaces, load_space
 from tfsearch.run.training.stage import run_training
 from tfsearch.run.training.trainable import train_category
-from tfsearch.transfusion.trainer import TrainDir
+from tfsearch.transfusion.job import TrainDir
 
 TINY = {
     "name": "tiny",
@@ -246,7 +246,7 @@ def test_training_hyperparameters_are_searched_with_asha(
     assert sorted(told) == ["disk", "stripes"] == [row["category"] for row in rows]
     for row in rows:
         category = row["category"]
-        models = sorted(p.name for p in (plan.storage / "train" / category).iterdir())
+        models = sorted(p.name for p in (plan.training_root / category).iterdir())
         assert len(models) == 2 and all(m.startswith("base_channels=") and "-lr=" in m for m in models)
         # ASHA lets at least one trial reach the last milestone; selection picks among the trained models
         finished = [m for m in models if TrainDir(plan.train_dir(category, m)).map_epochs() == [1, 2]]

@@ -13,14 +13,15 @@ from test_search import plan_for, run_args, write_space
 from tfsearch.cli import build_parser, main
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate, fuse
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate
 from tfsearch.run.pipeline import execute
 from tfsearch.run.plan import make_plan, seeded_model, split_seed, start_run
-from tfsearch.run.selection.candidates import Config
+from tfsearch.run.selection.candidates import Candidate
 from tfsearch.run.space import load_space
-from tfsearch.run.training.stage import category_trained
+from tfsearch.run.training.callbacks import CategoryTrained
 from tfsearch.store.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS, selected_columns, trial_columns
-from tfsearch.transfusion.trainer import MODEL_FILE, TrainDir
+from tfsearch.transfusion.job import MODEL_FILE, TrainDir
 
 
 def read_rows(path) -> list[dict]:
@@ -75,7 +76,7 @@ def test_seeded_folder_names_read_back():
 
 def test_a_category_is_trained_once_all_its_seeds_completed():
     told = []
-    callback = category_trained(told.append, per_category=2)
+    callback = CategoryTrained(told.append, per_category=2)
     trial = lambda category, trial_id: SimpleNamespace(config={"category": category}, trial_id=trial_id)  # noqa: E731
     callback.on_trial_complete(0, [], trial("disk", "a"))
     callback.on_trial_complete(0, [], trial("stripes", "b"))
@@ -87,7 +88,7 @@ def test_a_category_is_trained_once_all_its_seeds_completed():
 
 
 def test_export_refuses_a_run_of_several_seeds(tmp_path):
-    from tfsearch.deploy.export import read_selected
+    from tfsearch.deploy.selected import read_selected
     from tfsearch.store.run_folder import write_csv
 
     row = {"dataset": "demo", "category": "stripes", "status": "ok", "seeds": 2, "selected_model": "default"}
@@ -97,7 +98,7 @@ def test_export_refuses_a_run_of_several_seeds(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ a real run
-def brute_force(plan, seed, config: Config) -> dict[str, float]:
+def brute_force(plan, seed, config: Candidate) -> dict[str, float]:
     """Every metric of `config` on one seed's cached test maps, recomputed from the maps."""
     folder = TrainDir(plan.train_dir("stripes", seeded_model(config.model, seed))).maps(config.epoch, "test")
     maps = read_map_set(folder)
@@ -136,7 +137,7 @@ def test_two_seeds_select_by_the_mean_and_report_mean_and_std(tmp_path, demo_dat
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 6
     for trial in complete:
-        config = Config(**{k: trial.user_attrs[k] for k in ("model", "epoch", "lam", "kernel")})
+        config = Candidate(**{k: trial.user_attrs[k] for k in ("model", "epoch", "lam", "kernel")})
         assert config.model == "default"
         per_seed = [brute_force(plan, seed, config)["image_auroc"] for seed in seeds]
         assert trial.value == pytest.approx(np.mean(per_seed), abs=1e-12)
@@ -144,7 +145,7 @@ def test_two_seeds_select_by_the_mean_and_report_mean_and_std(tmp_path, demo_dat
     # selected.csv: the mean and the sample standard deviation over the seeds of each configuration
     assert row["seeds"] == 2 and row["status"] == "ok"
     for prefix in ("default", "selected"):
-        config = Config(*(row[f"{prefix}_{k}"] for k in ("model", "epoch", "lam", "kernel")))
+        config = Candidate(*(row[f"{prefix}_{k}"] for k in ("model", "epoch", "lam", "kernel")))
         per_seed = [brute_force(plan, seed, config) for seed in seeds]
         for metric in METRIC_NAMES:
             values = [m[metric] for m in per_seed]

@@ -14,30 +14,22 @@ from conftest import inspect_offline_run
 
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import MapSet, write_map_set
-from tfsearch.maps.metrics import GroundTruth, auroc, fuse, image_auroc, image_maxima, image_scores
+from tfsearch.maps.fusion import fuse, image_maxima
+from tfsearch.maps.metrics import GroundTruth, auroc, image_auroc, image_scores
 from tfsearch.run.selection import candidates as selection
-from tfsearch.run.selection.candidates import (
-    CandidateSet,
-    Config,
-    StudyPlan,
-    best_config,
-    choice_columns,
-    run_study,
-)
+from tfsearch.run.selection import study as study_module
+from tfsearch.run.selection.candidates import Candidate, CategoryMaps
 from tfsearch.run.selection.log import (
     candidates_frame,
     grid_importance,
     importance_rows,
     log_studies_to_wandb,
 )
+from tfsearch.run.selection.study import StudySpec, best_candidate, choice_columns, run_study
 from tfsearch.run.space import load_space, parse_space
 from tfsearch.store.studies import add_finished_trials, open_studies
-from tfsearch.transfusion.synthesis import (
-    VALIDATION_OPACITY,
-    perlin_masks,
-    perlin_noise,
-    validation_anomalies,
-)
+from tfsearch.transfusion.perlin import perlin_masks, perlin_noise
+from tfsearch.transfusion.synthesis import VALIDATION_OPACITY, validation_anomalies
 
 KERNELS = (1, 3, 5, 7)
 LAMS = (0.0, 1e-9, 0.25, 0.5, 0.95, 1.0 - 1e-9, 1.0)
@@ -160,13 +152,13 @@ def write_milestones(root: Path, signal: dict[int, float], n: int = 8, size: int
     return dirs
 
 
-def study_plan(tmp_path, payload: dict, signal: dict[int, float], tie_break: str | None = None) -> StudyPlan:
+def study_plan(tmp_path, payload: dict, signal: dict[int, float], tie_break: str | None = None) -> StudySpec:
     space = parse_space({"name": "t", "profile": "cpu", **payload}, "t.yaml")
     dirs = write_milestones(tmp_path / "maps", signal)
     checkpoints = sorted(dirs)
-    candidates = {"c": CandidateSet(dirs, space.values("kernel", 3))}
-    default = Config("default", max(signal), 0.95, 3)
-    return StudyPlan("t/c", space, candidates, checkpoints, default, tie_break)
+    candidates = {"c": CategoryMaps(dirs, space.values("kernel", 3))}
+    default = Candidate("default", max(signal), 0.95, 3)
+    return StudySpec("t/c", space, candidates, checkpoints, default, tie_break)
 
 
 def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
@@ -182,22 +174,24 @@ def test_exhaustive_study_evaluates_every_candidate_once(tmp_path):
     # candidates record the selection metric only; their value is the exact image AUROC of fuse then max
     trial = study.trials[5]
     assert set(trial.user_attrs["metrics"]["c"]) == {"image_auroc"}
-    config = Config("default", trial.user_attrs["epoch"], trial.user_attrs["lam"], trial.user_attrs["kernel"])
-    assert trial.value == plan.candidates["c"].evaluate(config)["image_auroc"]
+    config = Candidate(
+        "default", trial.user_attrs["epoch"], trial.user_attrs["lam"], trial.user_attrs["kernel"]
+    )
+    assert trial.value == plan.maps["c"].evaluate(config)["image_auroc"]
     assert study.trials[0].params == {"checkpoint": "default@10", "lam": 0.5, "kernel": 1}
     assert run_study(storage, plan).trials == study.trials  # resumed: nothing added twice
 
 
 def test_worker_processes_reduce_the_milestones_as_this_process_does(tmp_path, monkeypatch):
     plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
-    candidates, checkpoints = plan.candidates["c"], plan.checkpoints
+    candidates, checkpoints = plan.maps["c"], plan.checkpoints
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # two CPUs, however many this machine has
     candidates.prepare_maxima(checkpoints)  # maps this small stay in this process
     assert not candidates._maxima
     monkeypatch.setattr(selection, "WORKER_MIN_PIXELS", 0)
     candidates.prepare_maxima(checkpoints)
     assert sorted(candidates._maxima) == checkpoints
-    in_process = CandidateSet(candidates.maps_dirs, candidates.kernels)
+    in_process = CategoryMaps(candidates.maps_dirs, candidates.kernels)
     for model, epoch in checkpoints:
         for kernel in (1, 3):
             for lam in (0.0, 0.5, 0.95, 1.0):
@@ -207,7 +201,7 @@ def test_worker_processes_reduce_the_milestones_as_this_process_does(tmp_path, m
     dirs = dict(candidates.maps_dirs)
     dirs["default", 40] = write_milestones(tmp_path / "other", {40: 0.1}, n=6)["default", 40]
     with pytest.raises(InputError, match="other/epoch-40: its images differ"):
-        CandidateSet(dirs, (1, 3)).prepare_maxima(sorted(dirs))
+        CategoryMaps(dirs, (1, 3)).prepare_maxima(sorted(dirs))
 
 
 def test_bulk_trials_in_sqlite_are_the_records_add_trials_makes(tmp_path):
@@ -247,7 +241,7 @@ def test_bulk_trials_in_sqlite_are_the_records_add_trials_makes(tmp_path):
 def test_exhaustive_study_in_sqlite_resumes_after_a_kill_without_loss_or_duplicates(tmp_path, monkeypatch):
     plan = study_plan(tmp_path, SMALL_GRID, {10: 0.1, 20: 0.3, 30: 0.2})
     expected = run_study(optuna.storages.InMemoryStorage(), plan)
-    monkeypatch.setattr(selection, "BULK", 4)
+    monkeypatch.setattr(study_module, "BULK", 4)
     writes = []
 
     def killed_at_the_third_write(storage, study, trials):
@@ -256,10 +250,10 @@ def test_exhaustive_study_in_sqlite_resumes_after_a_kill_without_loss_or_duplica
         writes.append(len(trials))
         return add_finished_trials(storage, study, trials)
 
-    monkeypatch.setattr(selection, "add_finished_trials", killed_at_the_third_write)
+    monkeypatch.setattr(study_module, "add_finished_trials", killed_at_the_third_write)
     with pytest.raises(KeyboardInterrupt):
         run_study(open_studies(tmp_path / "studies.db"), plan)
-    monkeypatch.setattr(selection, "add_finished_trials", add_finished_trials)
+    monkeypatch.setattr(study_module, "add_finished_trials", add_finished_trials)
     assert len(optuna.load_study(study_name="t/c", storage=open_studies(tmp_path / "studies.db")).trials) == 8
     study = run_study(open_studies(tmp_path / "studies.db"), plan)
     trials = optuna.load_study(study_name="t/c", storage=open_studies(tmp_path / "studies.db")).trials
@@ -280,9 +274,9 @@ def test_epochs_only_study_picks_the_brute_force_best_milestone(tmp_path):
     plan = study_plan(tmp_path, payload, {10: 0.05, 20: 0.4, 30: 0.1})
     study = run_study(optuna.storages.InMemoryStorage(), plan)
     assert [t.params for t in study.trials] == [{"checkpoint": f"default@{e}"} for e in EPOCHS]
-    candidates = plan.candidates["c"]
-    brute = {e: candidates.evaluate(Config("default", e, 0.95, 3))["image_auroc"] for e in EPOCHS}
-    chosen, choice = best_config(study, plan.default)
+    candidates = plan.maps["c"]
+    brute = {e: candidates.evaluate(Candidate("default", e, 0.95, 3))["image_auroc"] for e in EPOCHS}
+    chosen, choice = best_candidate(study, plan.default)
     assert brute[chosen.epoch] == max(brute.values())
     assert brute[20] > brute[30]  # the data make a milestone other than the default's the best
     assert chosen.epoch == 20 and choice["tied"] == 1 and not choice["undecided"]
@@ -295,13 +289,13 @@ def test_ties_are_broken_by_pixel_ap_only_when_asked(tmp_path):
     }
     signal = {10: 0.6, 20: 0.9, 30: 0.7}  # every milestone separates the images perfectly: AUROC 1.0
     plan = study_plan(tmp_path / "a", payload, signal)
-    chosen, choice = best_config(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
+    chosen, choice = best_candidate(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
     assert chosen == plan.default and choice["tied"] == 4  # 3 candidates and the default, all at 1.0
     assert choice_columns(choice) == {"tied_at_best": 4, "tie_break_metric": "", "cannot_rank": True}
 
     plan = study_plan(tmp_path / "b", payload, signal, tie_break="pixel_ap")
-    chosen, choice = best_config(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
-    pixel_ap = {e: plan.candidates["c"].evaluate(Config("default", e, 0.95, 3))["pixel_ap"] for e in EPOCHS}
+    chosen, choice = best_candidate(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
+    pixel_ap = {e: plan.maps["c"].evaluate(Candidate("default", e, 0.95, 3))["pixel_ap"] for e in EPOCHS}
     assert chosen.epoch == max(pixel_ap, key=pixel_ap.get) == 20
     assert choice_columns(choice) == {"tied_at_best": 4, "tie_break_metric": "pixel_ap", "cannot_rank": False}
 
@@ -376,8 +370,10 @@ def test_validation_anomalies_are_smaller_and_fainter_than_training_ones():
 
 def test_select_on_val_candidates_of_a_demo_run_are_not_all_tied(demo_dataset_root, tmp_path):
     """A tiny training run on the demo with validation maps, then the per_class space's candidates on them."""
+    from tfsearch.transfusion.job import TrainDir, TrainJob
     from tfsearch.transfusion.profiles import get_profile
-    from tfsearch.transfusion.trainer import Runtime, TrainDir, TrainJob, train
+    from tfsearch.transfusion.runtime import Runtime
+    from tfsearch.transfusion.trainer import train
 
     profile = get_profile("cpu").replace(
         image_size=32, base_channels=8, norm_groups=4, head_norm_groups=4, time_dim=32, epochs=1,
@@ -390,10 +386,10 @@ def test_select_on_val_candidates_of_a_demo_run_are_not_all_tied(demo_dataset_ro
     run = TrainDir(tmp_path / "run")
     train(job, run.root, Runtime(device="cpu", progress=False))
     space = load_space("per_class")
-    candidates = CandidateSet({("default", 1): run.maps(1, "val")}, space.values("kernel", 3))
+    candidates = CategoryMaps({("default", 1): run.maps(1, "val")}, space.values("kernel", 3))
     assert candidates.ground_truth.image_labels.any() and not candidates.ground_truth.image_labels.all()
     values = {
-        candidates.image_auroc(Config("default", 1, lam, kernel))
+        candidates.image_auroc(Candidate("default", 1, lam, kernel))
         for kernel in space.values("kernel", 3)
         for lam in space.values("lam", 0.95)
     }

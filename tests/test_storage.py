@@ -1,6 +1,6 @@
-"""Run storage (tfsearch.store.location): folders and object-store URIs, checked before any training, and a whole
-`tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), its driver killed
-and the run resumed, compared with a run whose storage is a folder."""
+"""Run storage (tfsearch.store.location): folders and object-store URIs, checked before any training, and a
+whole `tfsearch run --storage s3://...` against a local S3-compatible server (moto on 127.0.0.1), its driver
+killed and the run resumed, compared with a run whose storage is a folder."""
 
 import json
 import os
@@ -172,11 +172,13 @@ def test_s3_run_killed_then_resumed_matches_the_folder_run(tmp_path, s3_endpoint
     assert list(load_run(local).selected["category"]) == ["stripes"]
 
     # a trial that starts anywhere continues from what the store holds: nothing is trained again
-    from tfsearch.run.training.trainable import TrainingFolder, job_from_settings
-    from tfsearch.transfusion.trainer import Runtime, Trainer
+    from tfsearch.run.training.trainable import TrainingFolder, category_job
+    from tfsearch.transfusion.job import TrainJob
+    from tfsearch.transfusion.runtime import Runtime
+    from tfsearch.transfusion.trainer import Trainer
 
     monkeypatch.setenv("TFSEARCH_SCRATCH", str(tmp_path))
-    settings = {"job": json.loads(store.read_text("train/stripes/default/job.json"))}
+    template = TrainJob.from_dict(json.loads(store.read_text("train/stripes/default/job.json")))
     # even after an attempt killed while it published milestone 2: the log lacks it, and the upload of its
     # maps stopped before their commit file (the trainer recomputes them from the weights)
     log = json.loads(store.read_text("train/stripes/default/milestones.json"))
@@ -186,7 +188,7 @@ def test_s3_run_killed_then_resumed_matches_the_folder_run(tmp_path, s3_endpoint
     with TrainingFolder(store.uri, "stripes", "default") as folder:
         assert folder.path.parent == tmp_path
         assert not (folder.path / "maps" / "test" / "epoch-0002").exists()
-        trainer = Trainer(job_from_settings(settings, "stripes", {}), folder.path, Runtime(progress=False))
+        trainer = Trainer(category_job(template, "stripes", {}), folder.path, Runtime(progress=False))
         trainer.start(resume=True)
         assert trainer.has_maps(2) and trainer.epoch == 2 and trainer.fit() == []
     assert not folder.path.exists()  # the scratch copy is gone, everything in it was uploaded

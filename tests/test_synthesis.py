@@ -12,28 +12,27 @@ import torch
 from PIL import Image
 
 from tfsearch.errors import InputError
-from tfsearch.transfusion.synthesis import (
+from tfsearch.transfusion.augment import (
     AUGMENTATIONS,
-    SUBTLE_SHIFT,
-    AnomalySynthesizer,
     augment,
     autocontrast,
     brightness,
     equalize,
-    foreground_masks,
     gamma_contrast,
     grid_shuffle,
     hue_saturation,
     invert,
-    load_texture_bank,
-    perlin_masks,
-    perlin_noise,
     posterize,
     rotate,
     sharpness,
-    simulated_masks,
-    simulated_thresholds,
     solarize,
+)
+from tfsearch.transfusion.foreground import foreground_masks
+from tfsearch.transfusion.perlin import perlin_masks, perlin_noise, simulated_masks, simulated_thresholds
+from tfsearch.transfusion.synthesis import (
+    SUBTLE_SHIFT,
+    AnomalySynthesizer,
+    load_texture_bank,
     subtle_appearance,
 )
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import inspect_offline_run
 
 from tfsearch.errors import InputError
-from tfsearch.infra.tracking import SYNC_NOTE, tune_callbacks
+from tfsearch.infra.tracking import SYNC_NOTE
+from tfsearch.run.training.callbacks import tune_callbacks
 
 SELECTION_VALUES = {"cat_a": 0.8, "cat_b": 0.6}
 SPEEDS = {"cat_a": 12.5, "cat_b": 7.25}
@@ -49,7 +50,7 @@ def tiny_run(ray_instance: int, tmp_path_factory: pytest.TempPathFactory, monkey
     that each record their training speed and wait until the metrics port shows it."""
     from ray import cloudpickle, tune
 
-    from tfsearch.run.training.stage import ProgressView
+    from tfsearch.run.training.callbacks import ProgressView
 
     # Ray workers cannot import this test module: send its functions by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

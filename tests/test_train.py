@@ -12,8 +12,11 @@ import torch
 from tfsearch.cli import main
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
+from tfsearch.transfusion.job import TrainDir, TrainJob
 from tfsearch.transfusion.profiles import get_profile
-from tfsearch.transfusion.trainer import Runtime, TrainDir, Trainer, TrainJob, held_out, train
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer, train
+from tfsearch.transfusion.training_data import held_out
 
 QUIET = Runtime(device="cpu", progress=False)
 
@@ -88,7 +91,7 @@ def test_grad_clip_bounds_the_gradient_norm_of_every_step(demo_dataset_root, tmp
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_profile_asks_and_the_device_has_it(native, monkeypatch):
-    monkeypatch.setattr("tfsearch.transfusion.trainer.native_bf16", lambda device: native)
+    monkeypatch.setattr("tfsearch.transfusion.runtime.native_bf16", lambda device: native)
     cpu, asks, plain = torch.device("cpu"), tiny_profile(bf16=True), tiny_profile()
     assert Runtime(precision="auto").network_precision(asks, cpu) == ("bf16" if native else "fp32")
     assert Runtime(precision="auto").network_precision(plain, cpu) == "fp32"
@@ -244,7 +247,7 @@ def test_train_and_evaluate_need_neither_ray_nor_optuna_nor_wandb():
         "import sys\n"
         "for name in ('ray', 'optuna', 'wandb'): sys.modules[name] = None  # importing it now fails\n"
         "from tfsearch.cli import build_parser\n"
-        "parser = build_parser(('tfsearch.transfusion.trainer', 'tfsearch.transfusion.evaluation'))\n"
+        "parser = build_parser(('tfsearch.cli.train', 'tfsearch.cli.evaluate'))\n"
         "argvs = (['evaluate', 'RUN'], ['train', '--out', 'R'])\n"
         "commands = [parser.parse_args(argv).command for argv in argvs]\n"
         "print(*commands)"

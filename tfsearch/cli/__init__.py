@@ -1,5 +1,6 @@
-"""The `tfsearch` command line. Each subcommand lives in the module that owns its concept and registers
-itself through a `register(subparsers)` function; this file only assembles them and maps errors to exit codes.
+"""The `tfsearch` command line: one module per command (`tfsearch/cli/<command>.py`, its parser and the
+call into the library), each registering itself through `register(subparsers)`; this file only assembles
+them and maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -11,16 +12,9 @@ import sys
 from tfsearch.errors import InputError
 
 # modules that define a `register(subparsers)` function, in the order `tfsearch --help` lists them
-COMMAND_MODULES = (
-    "tfsearch.run.pipeline",
-    "tfsearch.run.space",
-    "tfsearch.transfusion.trainer",
-    "tfsearch.transfusion.evaluation",
-    "tfsearch.deploy.export",
-    "tfsearch.deploy.detector",
-    "tfsearch.maps.score",
-    "tfsearch.data.demo",
-    "tfsearch.report",
+COMMAND_MODULES = tuple(
+    f"tfsearch.cli.{name}"
+    for name in ("run", "spaces", "train", "evaluate", "export", "predict", "score", "demo", "report")
 )
 
 

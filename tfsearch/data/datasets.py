@@ -1,16 +1,14 @@
-"""Datasets: which images and masks make up a category, and how they become arrays.
+"""Datasets: which images and masks make up a category (reading one file: `tfsearch.data.images`).
 
 Five sources share one in-memory form, a `Category` of `Sample`s: MVTec AD, VisA (the prepared "1cls" layout
 or the raw download read through its split CSV), `folder` (a user's own categories in the MVTec layout), the
 synthetic `demo` and the realistic synthetic `demo_real`. Masks are found by their path relative to the
 category root, never by editing the path string: the original's string replace breaks on a data root whose
 path contains "test" (method.md §11.12).
-Images become RGB uint8 and masks become booleans exactly as method.md §8 prescribes.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +17,10 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from tfsearch.data.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, realistic_demo_root
 from tfsearch.data.demo_real import REALISTIC_CATEGORIES
+from tfsearch.data.images import IMAGE_EXTENSIONS, header_size, load_image, load_mask
 from tfsearch.errors import InputError
 
 DATASETS = ("mvtec", "visa", "folder", "demo", "demo_real")
@@ -59,7 +57,6 @@ VISA_CATEGORIES: tuple[str, ...] = (
 )
 # the original code's fg-mask exemption list: MVTec's five textures plus zipper (method.md §11.5)
 TEXTURE_CATEGORIES: frozenset[str] = frozenset({"carpet", "grid", "leather", "tile", "wood", "zipper"})
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # the split file of the raw VisA download, relative to its root, and the columns read from it
 VISA_SPLIT_CSV = Path("split_csv") / "1cls.csv"
 VISA_CSV_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -78,8 +75,6 @@ _GENERATED_TEXTURES: dict[str, frozenset[str]] = {
     "demo": DEMO_TEXTURES,
     "demo_real": frozenset(REALISTIC_CATEGORIES),
 }
-# integer modes whose values span 0..65535: PIL's convert("RGB") would clip them instead of scaling
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -352,7 +347,7 @@ def _check_mask_sizes(samples: Sequence[Sample]) -> None:
     for sample in samples:
         if sample.mask is None:
             continue
-        image_size, mask_size = _header_size(sample.image), _header_size(sample.mask)
+        image_size, mask_size = header_size(sample.image), header_size(sample.mask)
         if image_size != mask_size:
             raise InputError(
                 f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} is "
@@ -360,63 +355,7 @@ def _check_mask_sizes(samples: Sequence[Sample]) -> None:
             )
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
-
-
 # ------------------------------------------------------------------------------------------ decoding
-
-
-def load_image(path: Path, size: int) -> np.ndarray:
-    """uint8 (size, size, 3) RGB, resized with PIL bilinear (antialiased) as the original's Resize does."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(rgb, dtype=np.uint8)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as training sees it: 16-bit grey scaled to 8 bits (not clipped), every other mode converted."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        gray = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_mask(path: Path | None, size: int | tuple[int, int]) -> np.ndarray:
-    """bool (size, size), or (height, width) for a pair. Non-zero pixels are defects (raw VisA uses 1, 2,
-    ...): they are set to 255, resized bilinearly, then `> 0.5` on the 0-255 scale (method.md §8), so any
-    interpolated non-zero value counts. A mask already at the asked shape is not resampled.
-    """
-    height, width = (size, size) if isinstance(size, int) else size
-    if path is None:
-        return np.zeros((height, width), dtype=bool)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            defect = _defect_pixels(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read mask {path}: {exc}") from exc
-    mask = Image.fromarray(defect.astype(np.uint8) * 255)
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(mask) > 0.5
-
-
-def _defect_pixels(image: Image.Image) -> np.ndarray:
-    """Native-size bool array of the non-zero pixels; palette masks are read by index (0 = background)."""
-    if image.mode == "P" or image.mode in _SIXTEEN_BIT_MODES or image.mode in ("1", "L", "F"):
-        return np.asarray(image) != 0
-    return np.asarray(image.convert("RGB")).max(axis=2) != 0
 
 
 def load_images(samples: Sequence[Sample], size: int, workers: int = 0) -> np.ndarray:
@@ -443,50 +382,19 @@ def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
     return masks
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
-    """The data flags every command shares; `multiple` adds --categories for commands that loop over them."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default="demo",
-        help="dataset kind (default: demo; demo and demo_real are generated on first use)",
-    )
-    group.add_argument(
-        "--data-root",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="dataset root folder; required unless --dataset demo or demo_real (then a cached copy under "
-        "$TFSEARCH_CACHE)",
-    )
-    group.add_argument(
-        "--category", default=None, help="one category" + (" (default: all)" if multiple else "")
-    )
-    if multiple:
-        group.add_argument("--categories", default=None, metavar="A,B", help="comma-separated categories")
-
-
 __all__ = [
     "DATASETS",
     "GENERATED_DATASETS",
-    "IMAGE_EXTENSIONS",
     "MVTEC_CATEGORIES",
     "TEXTURE_CATEGORIES",
     "VISA_CATEGORIES",
     "Category",
     "Sample",
-    "add_data_arguments",
     "defect_kind",
     "is_texture_category",
     "list_categories",
     "load_category",
-    "load_image",
     "load_images",
-    "load_mask",
     "load_masks",
     "resolve_categories",
 ]

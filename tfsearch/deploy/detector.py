@@ -1,10 +1,11 @@
 """`tfsearch predict` and `tfsearch.Detector`: score new images with a model written by `tfsearch export`.
 
 A `Detector` holds one exported model. `predict(images)` resizes each image to the training size (PIL
-bilinear, as the training data), runs the 18-step reverse process (`tfsearch.transfusion.inference`), fuses M_disc and
-M_recon with the exported λ and n (`tfsearch.maps.metrics.fuse`) and returns each fused map resized back to its
-image's own size (bilinear) with the image score, the maximum of the fused map at the training size, exactly
-as the run scored its test images. An image is anomalous when its score reaches the exported threshold.
+bilinear, as the training data), runs the 18-step reverse process (`tfsearch.transfusion.inference`), fuses
+M_disc and M_recon with the exported λ and n (`tfsearch.maps.fusion.fuse`) and returns each fused map resized
+back to its image's own size (bilinear) with the image score, the maximum of the fused map at the training
+size, exactly as the run scored its test images. An image is anomalous when its score reaches the exported
+threshold.
 
 `tfsearch predict EXPORT (IMAGE|DIR)... --out OUT` writes
 
@@ -26,7 +27,6 @@ the same.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
@@ -40,14 +40,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tfsearch.data.datasets import IMAGE_EXTENSIONS, to_rgb
+from tfsearch.data.images import IMAGE_EXTENSIONS, to_rgb
 from tfsearch.deploy.export import Export, check_weights, read_export
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import fuse, image_scores
+from tfsearch.infra.cluster import connect
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import image_scores
 from tfsearch.store.atomic import atomic_write
 from tfsearch.store.run_folder import write_csv
 from tfsearch.transfusion.inference import anomaly_maps
-from tfsearch.transfusion.trainer import PRECISIONS, Runtime
+from tfsearch.transfusion.runtime import PRECISIONS, Runtime
 from tfsearch.transfusion.transparency import TransparencyProcess
 from tfsearch.transfusion.unet import TransFusionUNet
 
@@ -179,7 +181,7 @@ class Detector:
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     """The image under a jet heat map of `anomaly_map`, opaque in proportion up to half at the threshold."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # only for overlays: a Detector alone never loads matplotlib
 
     level = np.clip(anomaly_map / max(threshold, np.finfo(np.float32).tiny), 0.0, 1.0)
     colour = colormaps["jet"](level)[..., :3] * 255.0
@@ -288,9 +290,7 @@ def cluster_predictions(
     export: Export, batches: list[list[InputImage]], runtime: Runtime, address: str, workers: int | None
 ) -> Iterator[list[Prediction]]:
     """Predictions of each batch, in order, from Ray actors: one per GPU (or per node without GPUs)."""
-    import ray
-
-    from tfsearch.infra.cluster import connect
+    import ray  # only with --address: a Detector and a local predict never load Ray
 
     connect(address, quiet=True)
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -368,55 +368,3 @@ def run_prediction(
     bar.close()
     write_csv(out / SCORES_FILE, SCORE_COLUMNS, rows)
     return rows
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "predict",
-        help="anomaly maps, overlays and scores of new images with an exported model",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("export", type=Path, metavar="EXPORT", help="an export folder (EXPORT_DIR/CATEGORY)")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE|DIR", help="images or folders")
-    parser.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="writes maps/, overlays/ and scores.csv"
-    )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--batch", type=int, help="images per batch (default: the profile's inference batch)")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="bf16 autocasts the network; auto: bf16 where the model's profile asks for it and the device"
-        " has it",
-    )
-    parser.add_argument("--address", help="fan the batches out to a Ray cluster (HOST:PORT or auto)")
-    parser.add_argument(
-        "--workers", type=int, help="with --address: models to load (default: one per GPU, else per node)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_predict)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    if args.workers is not None and args.workers < 1:
-        raise InputError(f"--workers {args.workers}: expected a positive number of models")
-    runtime = Runtime(device=args.device, precision=args.precision, progress=not args.quiet)
-    started = time.perf_counter()
-    rows = run_prediction(
-        args.export,
-        args.inputs,
-        args.out,
-        runtime=runtime,
-        batch_size=args.batch,
-        address=args.address,
-        workers=args.workers,
-    )
-    seconds = time.perf_counter() - started
-    anomalous = sum(row["label"] for row in rows)
-    print(
-        f"{len(rows)} images, {anomalous} anomalous, in {seconds:.1f} s "
-        f"({len(rows) / seconds:.2f} images/s); maps, overlays and {SCORES_FILE} in {args.out}"
-    )
-    return 0

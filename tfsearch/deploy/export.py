@@ -20,35 +20,34 @@ the float rounding of a recomputed map. An image is anomalous when its score is 
 
 from __future__ import annotations
 
-import argparse
-import csv
 import hashlib
 import io
 import json
 import math
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
+import torch
+from sklearn.metrics import precision_recall_curve, roc_curve
 
+from tfsearch import __version__
+from tfsearch.deploy.selected import Selected, TrainingRun, read_config, read_selected
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import METRIC_NAMES, fuse, image_scores
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import image_scores
 from tfsearch.store.atomic import atomic_write, atomic_write_json
-from tfsearch.store.location import Location
-from tfsearch.store.run_folder import CONFIG_FILE, SELECTED_FILE, now
+from tfsearch.store.run_folder import SELECTED_FILE, now
 from tfsearch.transfusion.profiles import Profile
-from tfsearch.transfusion.trainer import CHECKPOINT_FILE, MODEL_FILE, TrainDir
+from tfsearch.transfusion.unet import TransFusionUNet, count_parameters
 
 EXPORT_FORMAT = "tfsearch-export"
 EXPORT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.pt"
-# the key of a training run's model.pt (and trainer.pt) that holds the model's state dict
-MODEL_STATE_KEY = "model"
 # what a manifest must hold, by section, for a model to be rebuilt and used
 MANIFEST_KEYS = {
     "model": ("epoch", "lam", "kernel", "image_size", "profile"),
@@ -64,8 +63,6 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, at_fpr: float | Non
     F1-max by default (sklearn's precision-recall curve); with `at_fpr`, the lowest threshold of sklearn's
     ROC curve whose false-positive rate is at most `at_fpr`.
     """
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
@@ -104,151 +101,8 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, at_fpr: float | Non
     }
 
 
-# ------------------------------------------------------------------------------------------ the run
-@dataclass(frozen=True)
-class Selected:
-    """One category's row of `selected.csv`: the chosen configuration and its metrics."""
-
-    dataset: str
-    category: str
-    space: str
-    protocol: str
-    selection_metric: str
-    model: str
-    epoch: int
-    lam: float
-    kernel: int
-    selection_value: float
-    test_metrics: dict[str, float]
-
-
-def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
-    """The selected configurations, and the categories whose training failed for good with their errors
-    (nothing was selected for them)."""
-    path = run / SELECTED_FILE
-    if not path.is_file():
-        raise InputError(f"{run} holds no finished run: {path} is missing (has `tfsearch run` finished?)")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    failed = {row["category"]: row.get("error", "") for row in rows if row.get("status") == "failed"}
-    rows = [row for row in rows if row["category"] not in failed]
-    if any(row.get("seeds") for row in rows):
-        raise InputError(
-            f"{path}: a run trained with several seeds per category (--seeds) selects a configuration by the"
-            " mean over its seeds, of which there is no one model to export; exporting such runs is not"
-            " supported yet"
-        )
-    try:
-        selected = [
-            Selected(
-                dataset=row["dataset"],
-                category=row["category"],
-                space=row["space"],
-                protocol=row["protocol"],
-                selection_metric=row["selection_metric"],
-                model=row["selected_model"],
-                epoch=int(row["selected_epoch"]),
-                lam=float(row["selected_lam"]),
-                kernel=int(row["selected_kernel"]),
-                selection_value=_number(row["selected_selection_value"]),
-                test_metrics={m: _number(row[f"selected_test_{m}"]) for m in METRIC_NAMES},
-            )
-            for row in rows
-        ]
-    except (KeyError, ValueError) as exc:
-        raise InputError(
-            f"{path}: malformed row ({exc}); expected the columns of tfsearch's selected.csv"
-        ) from None
-    return selected, failed
-
-
-def _number(cell: str) -> float:
-    return float(cell) if cell else math.nan
-
-
-class TrainingRun:
-    """Where a category's training run of a search lives: its job, maps and checkpoints.
-
-    The run folder's own `train/` when it is there; else the `storage` named in config.json: a folder, or
-    an object store, whose job and maps the run keeps in its `cache/` (fetched here when missing) and whose
-    checkpoints are downloaded to a scratch folder.
-    """
-
-    def __init__(self, run: Path, config: dict, category: str, model: str) -> None:
-        relative = Path("train") / category / model
-        self.remote: Location | None = None
-        if (run / "train").is_dir():
-            root = run / relative
-        else:
-            storage = Location.parse(config["storage"], flag=f"{run / CONFIG_FILE} storage")
-            if storage.is_local:
-                root = storage.local_path / relative
-            else:
-                self.remote = storage.child(*relative.parts)
-                root = run / "cache" / relative
-        self.dir = TrainDir(root)
-        if self.remote is not None and not self.dir.job_file.is_file():
-            self.remote.download(self.dir.job_file.name, self.dir.job_file)
-
-    def maps(self, epoch: int, split: str) -> Path:
-        folder = self.dir.maps(epoch, split)
-        if self.remote is not None and not folder.is_dir():
-            self.remote.download(self.relative(folder), folder)
-        return folder
-
-    def model_state(self, epoch: int) -> tuple[dict, str]:
-        """The model's state dict at `epoch`, and nothing else of the checkpoint; with the file it came
-        from, relative to the training run (the milestone's model.pt, or trainer.pt in older runs)."""
-        import torch
-
-        folder = self.dir.checkpoint(epoch)
-        scratch = None
-        try:
-            if self.remote is None:
-                path = self.dir.weights(epoch)
-            else:
-                scratch = Path(tempfile.mkdtemp(prefix="tfsearch-export-"))
-                path = next(
-                    (
-                        scratch / name
-                        for name in (MODEL_FILE, CHECKPOINT_FILE)
-                        if self.remote.download(self.relative(folder / name), scratch / name)
-                    ),
-                    folder / MODEL_FILE,
-                )
-            if not path.is_file():
-                where = self.remote.uri if self.remote is not None else self.dir.root
-                raise InputError(
-                    f"no weights of the selected epoch {epoch} in {where}: {path.name} is missing"
-                )
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        if not isinstance(state, dict) or not isinstance(state.get(MODEL_STATE_KEY), dict):
-            raise InputError(f"{path} is not a tfsearch checkpoint: no {MODEL_STATE_KEY!r} state dict")
-        return state[MODEL_STATE_KEY], self.relative(folder / path.name)
-
-    def relative(self, path: Path) -> str:
-        return path.relative_to(self.dir.root).as_posix()
-
-
-def read_config(run: Path) -> dict:
-    path = run / CONFIG_FILE
-    if not path.is_file():
-        raise InputError(f"RUN {run} is not a tfsearch run folder: {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-
-
 # ------------------------------------------------------------------------------------------ export
 def library_versions() -> dict[str, str]:
-    import PIL
-    import torch
-
-    from tfsearch import __version__
 
     return {
         "tfsearch": __version__,
@@ -263,10 +117,6 @@ def export_category(
     run: Path, config: dict, selected: Selected, out: Path, at_fpr: float | None = None
 ) -> Path:
     """Write `out/CATEGORY` (weights, then the manifest) for one row of `selected.csv`."""
-    import torch
-
-    from tfsearch.transfusion.unet import TransFusionUNet, count_parameters
-
     target = out / selected.category
     if target.exists() and any(target.iterdir()):
         raise InputError(f"--out: {target} already exists and is not empty; choose another --out")
@@ -418,38 +268,3 @@ def read_export(folder: Path) -> Export:
             f"{weights_entry.get('sha256')} (a corrupted or replaced file)"
         )
     return Export(folder, manifest, weights)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="export each category's selected model (weights, λ, n, threshold, manifest)",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("run", type=Path, metavar="RUN", help="a run folder written by `tfsearch run`")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/CATEGORY/")
-    parser.add_argument("--categories", help="comma-separated categories (default: all of selected.csv)")
-    parser.add_argument(
-        "--threshold-at-fpr",
-        type=float,
-        metavar="F",
-        help="threshold at false-positive rate ≤ F on the selection data (default: the F1-max threshold)",
-    )
-    parser.set_defaults(func=run_export)
-
-
-def run_export(args: argparse.Namespace) -> int:
-    at_fpr = args.threshold_at_fpr
-    if at_fpr is not None and not 0.0 <= at_fpr < 1.0:
-        raise InputError(f"--threshold-at-fpr {at_fpr}: expected a false-positive rate in [0, 1)")
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    for folder in export_run(args.run, args.out, categories, at_fpr):
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        model, threshold = manifest["model"], manifest["threshold"]
-        print(
-            f"{manifest['dataset']}/{manifest['category']}: epoch {model['epoch']}, λ {model['lam']:.3f}, "
-            f"n {model['kernel']}, threshold {threshold['value']:.4g} ({threshold['method']} on "
-            f"{threshold['split']}: F1 {threshold['f1']:.3f}) -> {folder}"
-        )
-    return 0

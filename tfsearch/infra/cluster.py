@@ -26,7 +26,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 def connect(address: str | None, quiet: bool) -> None:
     """Join a cluster, or start Ray on this machine with the dashboard on 127.0.0.1."""
-    import ray
+    import ray  # here, not at the top: predict imports this module and runs without Ray unless --address
 
     # Tune warns on every checkpoint of short milestones; the console view reports progress instead
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -24,14 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from ray.util import get_node_ip_address
+
 HEAD_TYPE = "ray.head.default"  # the head's node type name, which the fake provider expects
 WORKER_TYPE = "gpu_worker"
 
 
 def node_ip() -> str:
     """The address Ray gives this machine's nodes (and the fake provider's worker nodes take)."""
-    from ray.util import get_node_ip_address
-
     return get_node_ip_address()
 
 

@@ -52,7 +52,7 @@ def _ray_running() -> bool:
 
 def _metric(name: str) -> Any:
     if name not in _metrics:
-        from ray.util import metrics
+        from ray.util import metrics  # the first gauge, inside a Ray process: tfsearch train runs without Ray
 
         kind, description = _KINDS[name]
         _metrics[name] = getattr(metrics, kind)(name, description=description, tag_keys=TAG_KEYS)

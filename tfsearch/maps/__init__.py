@@ -1,1 +1,2 @@
-"""Anomaly maps after inference: the map cache, fusion of λ and n, metrics, the standalone scorer (no torch)."""
+"""Anomaly maps after inference, numpy only: the map cache, the fusion of λ and n, the metrics, and the
+standalone scorer."""

@@ -12,17 +12,14 @@ scale): `--size 256` is TransFusion's protocol.
 Maps should hold real-valued scores: `.tiff` (float32) or `.npy`. An 8-bit `.png` map has 256 levels, so
 many pixels tie and the curves are coarser; the command warns about it.
 
-The metrics are `tfsearch.maps.metrics.evaluate` (image AUROC from each map's maximum, AUPRO to `--limit`, pixel
-AUROC, AP and F1-max). A category without an anomalous test image is reported with "undefined" metrics and
-the reason, and the other categories are still scored.
+The metrics are `tfsearch.maps.metrics.evaluate` (image AUROC from each map's maximum, AUPRO to `--limit`,
+pixel AUROC, AP and F1-max). A category without an anomalous test image is reported with "undefined" metrics
+and the reason, and the other categories are still scored.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tfsearch.data.datasets import (
-    Sample,
-    list_categories,
-    load_category,
-    load_mask,
-    load_masks,
-    resolve_categories,
-)
+from tfsearch.data.datasets import Sample, list_categories, load_category, load_masks, resolve_categories
+from tfsearch.data.images import load_mask
 from tfsearch.errors import InputError
 from tfsearch.maps.metrics import METRIC_NAMES, PRO_LIMIT, GroundTruth, evaluate
 
@@ -196,64 +187,7 @@ def categories_with_maps(
     return folders
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "score",
-        help="score anomaly maps stored in MVTec AD's evaluation layout",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--dataset-root", type=Path, required=True, metavar="DIR", help="the dataset's root")
-    parser.add_argument(
-        "--maps",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="maps as DIR/<category>/test/<defect>/<name>.tiff",
-    )
-    parser.add_argument(
-        "--category", default=None, help="one category (default: every one with a maps folder)"
-    )
-    parser.add_argument(
-        "--dataset", choices=SCORE_DATASETS, default="mvtec", help="dataset layout (default: mvtec)"
-    )
-    parser.add_argument("--limit", type=float, default=PRO_LIMIT, help="AUPRO FPR limit (default: 0.3)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help=f"score at N×N ({TRANSFUSION_SIZE}: TransFusion's protocol); default: each mask's own size, as "
-        "MVTec AD's evaluation script",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON (metrics in [0, 1]) instead of a table"
-    )
-    parser.set_defaults(func=run_score)
-
-
-def run_score(args: argparse.Namespace) -> int:
-    if not 0.0 < args.limit <= 1.0:
-        raise InputError(f"--limit {args.limit}: expected an FPR limit in (0, 1]")
-    if args.size is not None and args.size < 1:
-        raise InputError(f"--size {args.size}: expected a positive image side")
-    names = categories_with_maps(args.dataset, args.dataset_root, args.maps, args.category)
-    scores = {
-        name: score_category(args.dataset, args.dataset_root, args.maps, name, args.size, args.limit)
-        for name in names
-    }
-    mean = {metric: _mean([s.metrics[metric] for s in scores.values()]) for metric in METRIC_NAMES}
-    for note in _notes(scores):
-        print(f"tfsearch score: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(_as_json(args, scores, mean), indent=2))
-    else:
-        print(_as_table(args, scores, mean))
-    return 0
-
-
-def _notes(scores: dict[str, CategoryScore]) -> list[str]:
+def score_notes(scores: dict[str, CategoryScore]) -> list[str]:
     """What the numbers depend on besides the maps: resized maps, 8-bit maps."""
     notes = []
     for name, s in scores.items():
@@ -270,22 +204,33 @@ def _notes(scores: dict[str, CategoryScore]) -> list[str]:
     return notes
 
 
-def _mean(values: list[float]) -> float:
+def category_mean(values: list[float]) -> float:
     """Unweighted mean over the categories where the metric is defined (NaN if none)."""
     defined = [value for value in values if not math.isnan(value)]
     return sum(defined) / len(defined) if defined else math.nan
 
 
-def _as_json(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: dict[str, float]) -> dict:
+def scores_json(
+    scores: dict[str, CategoryScore],
+    mean: dict[str, float],
+    *,
+    dataset: str,
+    dataset_root: Path,
+    maps: Path,
+    limit: float,
+    size: int | None,
+) -> dict:
+    """What `tfsearch score --json` prints: the metrics in [0, 1] (null where undefined) and the inputs."""
+
     def values(metrics: dict[str, float]) -> dict[str, float | None]:
         return {name: None if math.isnan(metrics[name]) else metrics[name] for name in METRIC_NAMES}
 
     return {
-        "dataset": args.dataset,
-        "dataset_root": str(args.dataset_root),
-        "maps": str(args.maps),
-        "limit": args.limit,
-        "size": args.size,  # null: each mask's own size
+        "dataset": dataset,
+        "dataset_root": str(dataset_root),
+        "maps": str(maps),
+        "limit": limit,
+        "size": size,  # null: each mask's own size
         "categories": {
             name: {
                 **values(s.metrics),
@@ -302,7 +247,16 @@ def _as_json(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: d
     }
 
 
-def _as_table(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: dict[str, float]) -> str:
+def scores_table(
+    scores: dict[str, CategoryScore],
+    mean: dict[str, float],
+    *,
+    dataset: str,
+    maps: Path,
+    limit: float,
+    size: int | None,
+) -> str:
+    """What `tfsearch score` prints: one row per category in %, the mean, and why a metric is undefined."""
     columns = {metric: max(len(metric), len("undefined")) + 2 for metric in METRIC_NAMES}
 
     def cells(metrics: dict[str, float]) -> str:
@@ -313,8 +267,8 @@ def _as_table(args: argparse.Namespace, scores: dict[str, CategoryScore], mean: 
 
     width = max(len("category"), *(len(name) for name in scores))
     lines = [
-        f"{args.dataset} maps in {args.maps}: metrics in %, AUPRO to FPR {args.limit}, "
-        + (f"scored at {args.size}x{args.size}" if args.size else "scored at each mask's own size"),
+        f"{dataset} maps in {maps}: metrics in %, AUPRO to FPR {limit}, "
+        + (f"scored at {size}x{size}" if size else "scored at each mask's own size"),
         f"{'category':<{width}}  images  anomalous" + "".join(f"{m:>{columns[m]}}" for m in METRIC_NAMES),
     ]
     lines += [

@@ -11,7 +11,8 @@ From one or more run folders (`tfsearch run` writes them) it builds, per dataset
 5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
 6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
 
-Under each run it says where a paper-profile run departs from the paper's protocol (`tfsearch.transfusion.protocol`).
+Under each run it says where a paper-profile run departs from the paper's protocol
+(`tfsearch.transfusion.protocol`).
 
 It writes, under `--out` (default: FIRST_RUN_DIR/report):
 
@@ -21,21 +22,22 @@ It writes, under `--out` (default: FIRST_RUN_DIR/report):
     figures/NAME.png, NAME.svg, NAME.csv   each figure and its points
     wandb/                     the W&B summary run (offline by default; SYNC.txt says how to upload it)
 
-The package imports neither torch nor Ray nor the search: it reads run folders through `tfsearch.store.run_folder`.
+The package imports neither torch nor Ray nor the search: it reads run folders through
+`tfsearch.store.run_folder`.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tfsearch.errors import InputError
-from tfsearch.infra.tracking import WANDB_MODES, check_mode
+from tfsearch.infra.tracking import check_mode
 from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
 from tfsearch.report.kinds import per_kind_tables
+from tfsearch.report.paper_tables import paper_tables
 from tfsearch.report.published import PublishedNumbers
 from tfsearch.report.render import (
     comparison_csv,
@@ -45,19 +47,15 @@ from tfsearch.report.render import (
     table_latex,
     table_markdown,
 )
-from tfsearch.report.runs import RunResults, load_run
-from tfsearch.report.tables import (
-    COMPARISON_COLUMNS,
-    PROTOCOL_LABELS,
-    REPORT_METRICS,
-    Table,
+from tfsearch.report.run_tables import (
     importance_tables,
-    paper_tables,
     protocol_tables,
     seed_tables,
     training_table,
     wide_tables,
 )
+from tfsearch.report.runs import RunResults, load_run
+from tfsearch.report.tables import COMPARISON_COLUMNS, PROTOCOL_LABELS, REPORT_METRICS, Table
 from tfsearch.report.wandb_summary import log_to_wandb
 from tfsearch.store.atomic import atomic_write, atomic_write_text
 from tfsearch.store.location import local_run_dir
@@ -208,50 +206,11 @@ def write_report(
     return out
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report", help="the supplement's tables and figures from run folders, beside the published numbers"
-    )
-    parser.add_argument(
-        "run_dirs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help="run folders of `tfsearch run`, or their --storage URIs",
-    )
-    parser.add_argument("--out", type=Path, help="output folder (default: FIRST_RUN_DIR/report)")
-    parser.add_argument(
-        "--compare-anyway",
-        action="store_true",
-        help="show Δ against the published numbers also for runs not trained or selected like the paper",
-    )
-    parser.add_argument(
-        "--wandb", choices=WANDB_MODES, default="offline", help="W&B summary run (default: offline)"
-    )
-    parser.add_argument("--wandb-project", help="W&B project (needed with --wandb online)")
-    parser.add_argument("--wandb-entity", help="W&B entity (team)")
-    parser.add_argument("--quiet", action="store_true", help="no console output")
-    parser.set_defaults(func=run_report)
-
-
-def run_report(args: argparse.Namespace) -> int:
-    write_report(
-        args.run_dirs,
-        out=args.out,
-        wandb=args.wandb,
-        project=args.wandb_project,
-        entity=args.wandb_entity,
-        quiet=args.quiet,
-        compare_anyway=args.compare_anyway,
-    )
-    return 0
-
-
 __all__ = [
     "REPORT_METRICS",
     "PublishedNumbers",
     "Report",
     "build_report",
     "load_run",
-    "register",
     "write_report",
 ]

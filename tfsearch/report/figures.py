@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import MapFuser, auroc, image_scores
+from tfsearch.maps.fusion import MapFuser
+from tfsearch.maps.metrics import auroc, image_scores
 from tfsearch.report.runs import RunResults
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def sensitivity_figure(curves: list[Curve], axis: Axis) -> Figure:
     """One line per dataset, each line's maximum marked with a dot, the defaults dotted.
 
     A bare `Figure` on an Agg canvas (no pyplot): no global state and no display, whatever MPLBACKEND says."""
+    # matplotlib takes a second to import: only when a figure is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

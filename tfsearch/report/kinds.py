@@ -1,7 +1,7 @@
 """Per defect kind: what a category's mean hides (a model may find every stain and miss every scratch).
 
-For each run, each category's test maps at its selected configuration (`selected.csv`: model, epoch, λ, n)
-are read from the map cache and scored per kind with `tfsearch.maps.metrics.per_kind`: the kind's anomalous images
+For each run, each category's test maps at its selected configuration (`selected.csv`: model, epoch, λ, n) are
+read from the map cache and scored per kind with `tfsearch.maps.metrics.per_kind`: the kind's anomalous images
 against every normal test image, image and pixel AUROC. The kinds are the test folders (MVTec's `crack`,
 `scratch`, ...; VisA's single `bad`), read from each map's image id. The paper tables are left as they are.
 """
@@ -12,7 +12,8 @@ import pandas as pd
 
 from tfsearch.data.datasets import defect_kind
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import fuse, per_kind
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import per_kind
 from tfsearch.report.runs import RunResults
 from tfsearch.report.tables import METRIC_LABELS, Table
 

@@ -104,7 +104,7 @@ class RunResults:
         return int(milestones[-1]) if milestones[-1] is not None else None
 
     def differs_from_paper(self) -> list[str]:
-        """The profile's settings that differ from the paper's (`tfsearch.transfusion.profiles.PROFILES["paper"]`), as
+        """The profile's settings that differ from the paper's (`PROFILES["paper"]`), as
         `field ours (paper theirs)`; empty when a comparison with the published numbers is like for like."""
         paper = json.loads(json.dumps(PROFILES["paper"].to_dict()))  # tuples as JSON writes them
         ours = self.config["profile"]

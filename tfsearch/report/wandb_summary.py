@@ -13,7 +13,7 @@ from tfsearch.report.tables import Table
 
 
 def _wandb_table(table: Table):
-    import wandb
+    import wandb  # seconds to import: only when the report logs to W&B
 
     frame = table.frame.reset_index() if table.paper or table.frame.index.name else table.frame.copy()
     frame.columns = flat_columns(frame.columns)
@@ -35,7 +35,7 @@ def log_to_wandb(
     check_mode(mode, project)
     if mode == "disabled":
         return "W&B: disabled (--wandb disabled)."
-    import wandb
+    import wandb  # seconds to import: not with --wandb disabled
 
     project = project or DEFAULT_PROJECT
     with wandb.init(

@@ -13,16 +13,19 @@ from pathlib import Path
 
 import torch
 
+from tfsearch import __version__
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
 from tfsearch.run.space import Space, load_space
 from tfsearch.store.atomic import atomic_write_json
 from tfsearch.store.location import Location, run_location
 from tfsearch.store.run_folder import CONFIG_FILE
+from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import GPU_PROFILES, QUICK_PROFILE, Profile
-from tfsearch.transfusion.trainer import TrainJob
 
 PROTOCOLS = ("test", "val")
+# config.json: the tfsearch version that started the run; not part of the plan, so --resume ignores it
+VERSION_KEY = "version"
 # the flags naming input folders; each is resolved on the driver (trials run in other working folders)
 INPUT_FOLDER_FLAGS = {
     "data_root": "--data-root",
@@ -66,10 +69,11 @@ class RunPlan:
     wandb_entity: str | None = None
 
     @property
-    def storage(self) -> Path:
-        """Where this machine reads the training runs: the storage folder, or the run's cache of an object
-        store (filled by the selection stage's `fetch_training_results`)."""
-        return self.location.local_path if self.location.is_local else self.run_dir / "cache"
+    def training_root(self) -> Path:
+        """The folder where this machine reads the training runs (CATEGORY/MODEL): `train/` in the storage
+        folder, or in the run's cache of an object store (filled by the selection stage's
+        `fetch_training_results`)."""
+        return (self.location.local_path if self.location.is_local else self.run_dir / "cache") / "train"
 
     @property
     def storage_is_elsewhere(self) -> bool:
@@ -107,7 +111,7 @@ class RunPlan:
         )
 
     def train_dir(self, category: str, model: str) -> Path:
-        return self.storage / "train" / category / model
+        return self.training_root / category / model
 
     @property
     def training_seeds(self) -> list[int | None]:
@@ -136,7 +140,8 @@ class RunPlan:
             "restrict_to_foreground": self.restrict_to_foreground,
             "precision": self.precision,
             "channels_last": self.channels_last,
-            **({"seeds": self.seeds} if self.seeds > 1 else {}),  # a one-seed run's plan reads as before
+            # one seed writes no key, so a one-seed plan equals one stored by versions without --seeds
+            **({"seeds": self.seeds} if self.seeds > 1 else {}),
             "selection": {
                 "metric": self.space.metric,
                 "sampler": self.space.sampler,
@@ -144,21 +149,38 @@ class RunPlan:
             },
         }
 
-    def trial_settings(self) -> dict:
+    def trial_settings(self) -> TrialSettings:
         """What every training trial needs besides its own config (category, training hyperparameters)."""
-        return {
-            "job": self.job("").to_dict(),
-            "storage": self.location.uri,
-            "split": self.selection_split,
-            "metric": self.space.metric,
-            "lam": self.profile.lam,
-            "kernel": self.profile.kernel,
-            "protocol": self.select_on,
-            "cpus": self.cpus_per_trial,
-            "allow_cpu": self.allow_cpu,
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-        }
+        return TrialSettings(
+            job=self.job(""),
+            storage_uri=self.location.uri,
+            split=self.selection_split,
+            metric=self.space.metric,
+            lam=self.profile.lam,
+            kernel=self.profile.kernel,
+            protocol=self.select_on,
+            cpus=self.cpus_per_trial,
+            allow_cpu=self.allow_cpu,
+            precision=self.precision,
+            channels_last=self.channels_last,
+        )
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """The part of the plan every training trial reads on its worker (Ray passes it with the trainable)."""
+
+    job: TrainJob  # the job of every category, its category left blank
+    storage_uri: str  # STORAGE/NAME: a folder every node reaches, or an object-store URI
+    split: str  # the selection split whose maps score each milestone: "test" or "val"
+    metric: str  # the selection metric reported at each milestone
+    lam: float  # the profile's λ and n, at which each milestone is scored
+    kernel: int
+    protocol: str  # --select-on
+    cpus: float  # CPUs of a trial: its torch threads
+    allow_cpu: bool  # a GPU profile may train where the trial's node has no CUDA
+    precision: str  # auto | fp32 | bf16
+    channels_last: bool
 
 
 def model_id(train_params: dict) -> str:
@@ -329,6 +351,13 @@ def start_run(plan: RunPlan, resume: bool) -> None:
             f"--storage: {plan.location.child(existing[0]).uri} already holds a run named {plan.name!r};"
             " resume it from its run folder with --resume, or choose another --name"
         )
-    atomic_write_json(config, plan.describe())
+    atomic_write_json(config, {**plan.describe(), VERSION_KEY: __version__})
     if plan.storage_is_elsewhere:  # `tfsearch report STORAGE/NAME` can follow the run from the start
         plan.location.upload(config, CONFIG_FILE)
+
+
+def started_by(run_dir: Path) -> str:
+    """The tfsearch version that started the run in `run_dir` (runs of 0.1 recorded none)."""
+    config = run_dir / CONFIG_FILE
+    version = json.loads(config.read_text()).get(VERSION_KEY) if config.is_file() else None
+    return f"tfsearch {version}" if version else "tfsearch 0.1 (which recorded no version)"

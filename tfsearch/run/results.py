@@ -1,6 +1,7 @@
 """The run's result tables, rebuilt from durable state: `trials.csv` from the milestone logs and the studies,
 `selected.csv` from the studies and the cached maps; then everything the run wrote is published to its
-storage.
+storage. Each study's spec is worked out again from the run folder (`study_spec`), not handed over by the
+selection stage, whose tasks ran elsewhere and may belong to an earlier, interrupted driver.
 
 A category whose training failed for good gets a `failed` row in `selected.csv` with its error and nothing
 selected; it is never tabulated as if it had finished.
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 from datetime import timezone
 
+import optuna
+
 from tfsearch.run.plan import RunPlan
-from tfsearch.run.selection.stage import selection_plan, selection_study_names
+from tfsearch.run.selection.candidates import mean_metrics, std_metrics
+from tfsearch.run.selection.stage import selection_study_names, study_spec
+from tfsearch.run.selection.study import best_candidate, choice_columns
 from tfsearch.store.run_folder import (
     RUN_TABLES,
     SELECTED_FILE,
@@ -29,7 +34,7 @@ def training_rows(plan: RunPlan) -> list[dict]:
     a milestone again, and the log keeps exactly one row per epoch."""
     rows = []
     for category in plan.categories:
-        for model_dir in sorted((plan.storage / "train" / category).glob("*")):
+        for model_dir in sorted((plan.training_root / category).glob("*")):
             for record in read_milestone_log(model_dir):
                 rows.append({**record, "stage": "train", "status": "ok", "objective": ""})
     return rows
@@ -37,8 +42,6 @@ def training_rows(plan: RunPlan) -> list[dict]:
 
 def selection_rows(plan: RunPlan) -> list[dict]:
     """One row per completed candidate and category of every study of the run."""
-    import optuna
-
     path = studies_file(plan.run_dir)
     if not path.is_file():
         return []
@@ -108,10 +111,6 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
     """Per category: the default and the selected configuration, each with its selection value and its test
     metrics (for `--select-on val`, test maps are read only here, after every study has finished), or a
     `failed` row naming the error of a category whose training failed for good."""
-    import optuna
-
-    from tfsearch.run.selection.candidates import best_config, choice_columns, mean_metrics, std_metrics
-
     storage = open_studies(studies_file(plan.run_dir))
     common = {
         "dataset": plan.dataset,
@@ -127,32 +126,30 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
                 error = failed.get(category) or f"not selected: {', '.join(broken)} of its study failed"
                 rows.append({**common, "category": category, "status": "failed", "error": error})
             continue
-        selection = selection_plan(plan, group)
-        if selection is None:
+        spec = study_spec(plan, group)
+        if spec is None:
             continue
-        default = selection.default
+        default = spec.default
         try:
-            study = optuna.load_study(study_name=selection.name, storage=storage)
+            study = optuna.load_study(study_name=spec.name, storage=storage)
         except KeyError:
             continue
-        chosen, choice = best_config(study, default)
-        if plan.select_on == "val":
-            test = selection_plan(plan, group, split="test").candidates
-        else:
-            test = selection.candidates
+        chosen, choice = best_candidate(study, default)
+        # test metrics: for --select-on val from the test maps, read only here, after every study finished
+        test = study_spec(plan, group, split="test").maps if plan.select_on == "val" else spec.maps
         for category in group:
             row = {**common, "category": category, **choice_columns(choice), "status": "ok", "error": ""}
-            for prefix, config in (("default", default), ("selected", chosen)):
-                row.update({f"{prefix}_{k}": v for k, v in config.as_params().items()})
+            for prefix, candidate in (("default", default), ("selected", chosen)):
+                row.update({f"{prefix}_{k}": v for k, v in candidate.as_params().items()})
                 if plan.seeds == 1:
-                    own = selection.candidates[category].evaluate(config)
-                    tested = own if test is selection.candidates else test[category].evaluate(config)
+                    own = spec.maps[category].evaluate(candidate)
+                    tested = own if test is spec.maps else test[category].evaluate(candidate)
                     row[f"{prefix}_selection_value"] = own[plan.space.metric]
                     row.update({f"{prefix}_test_{k}": v for k, v in tested.items()})
                     continue
                 # the mean over seeds (what the study ranked) and its sample standard deviation
-                own = selection.candidates[category].per_seed(config)
-                tested = own if test is selection.candidates else test[category].per_seed(config)
+                own = spec.maps[category].per_seed(candidate)
+                tested = own if test is spec.maps else test[category].per_seed(candidate)
                 for suffix, reduce in (("", mean_metrics), ("_std", std_metrics)):
                     row[f"{prefix}_selection_value{suffix}"] = reduce(own)[plan.space.metric]
                     row.update({f"{prefix}_test_{k}{suffix}": v for k, v in reduce(tested).items()})

@@ -388,14 +388,3 @@ def load_space(name_or_path: str) -> Space:
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}") from None
     return parse_space(payload, str(path))
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("spaces", help="list the built-in search spaces")
-    parser.set_defaults(func=run_spaces)
-
-
-def run_spaces(args) -> int:
-    for name, path in builtin_spaces().items():
-        print(f"{name:<16} {load_space(str(path)).description}")
-    return 0

@@ -1,10 +1,10 @@
 """Where a run's shared files live: a local or shared folder, or an object store (s3://, gs://), as one
 pyarrow filesystem and a folder in it.
 
-`tfsearch run --storage` takes either form. A folder is used in place, exactly as before. An object store
-cannot be written in place by the trainer, memory-mapped by the selection or hold SQLite, so files move
-between it and local folders with the helpers here: whole folders up and down, each file atomically, and a
-map set's `meta.json` last, so that a copy cut short is never mistaken for a complete map set.
+`tfsearch run --storage` takes either form. A folder is used in place. An object store cannot be written in
+place by the trainer, memory-mapped by the selection or hold SQLite, so files move between it and local
+folders with the helpers here: whole folders up and down, each file atomically, and a map set's `meta.json`
+last, so that a copy cut short is never mistaken for a complete map set.
 
 Credentials come from each node's own environment (instance role, service account, `AWS_*` variables);
 they are never part of a URI that tfsearch stores. An S3-compatible server is named in the URI
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from tfsearch.data.demo import cache_dir
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import META_FILE
 from tfsearch.store.atomic import atomic_write
@@ -218,8 +219,6 @@ def local_run_dir(path_or_uri: str | Path, cache: Path | None = None) -> Path:
     if location.read_text("config.json") is None:
         raise InputError(f"RUN_DIR {text}: not a run: config.json is missing there")
     if cache is None:
-        from tfsearch.data.demo import cache_dir
-
         cache = cache_dir()
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     local = Path(cache) / "runs" / digest / posixpath.basename(location.path)

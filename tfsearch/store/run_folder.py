@@ -1,8 +1,8 @@
 """The run folder's schema: its files, the columns of its tables and the readers that every stage shares.
 
 This module sits at the bottom of the search's layers (plan, trainable, training stage, selection stage,
-tables, report): each of them, `tfsearch.store.location` and `tfsearch report` read run folders through the names
-here, so none of them imports another stage to learn a column name. It imports neither torch nor Ray.
+tables, report): each of them, `tfsearch.store.location` and `tfsearch report` read run folders through the
+names here, so none of them imports another stage to learn a column name. It imports neither torch nor Ray.
 
 A run folder (`--runs-root`/NAME) holds:
 
@@ -13,8 +13,8 @@ A run folder (`--runs-root`/NAME) holds:
     selected.csv    per category: the default configuration's and the selected configuration's metrics
                     (with --seeds K > 1: the mean over seeds, a `seeds` column and a `*_std` per metric)
     importance.csv  per dataset (and category): how much epoch, λ and n move the selection metric
-    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; see tfsearch.transfusion.trainer); with
-                    --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.run.plan.seeded_model)
+    train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; tfsearch.transfusion.job);
+                    with --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.run.plan.seeded_model)
     tune/           Ray Tune's experiment state, which `--resume` restores
 """
 
@@ -37,7 +37,6 @@ IMPORTANCE_FILE = "importance.csv"
 IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
 # each training run's log of finished milestones (one row per milestone; see the trainable)
 MILESTONE_LOG = "milestones.json"
-IMPORTANCE_FILE = "importance.csv"
 RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE, IMPORTANCE_FILE)
 TRAIN_FOLDER = "train"
 # the training configuration of the profile itself (other ids name searched training hyperparameters)

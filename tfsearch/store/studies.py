@@ -18,6 +18,14 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+import optuna
+from optuna.distributions import (
+    check_distribution_compatibility,
+    distribution_to_json,
+    json_to_distribution,
+)
+from optuna.storages.journal import JournalFileBackend
+
 STUDIES_DB = "studies.db"
 STUDIES_JOURNAL = "studies.journal"
 # file system types (as /proc/mounts names them) that many nodes share over a network
@@ -61,9 +69,6 @@ def studies_file(run_dir: Path) -> Path:
 
 def open_studies(path: Path | str):
     """An Optuna storage object for a studies file (Ray's OptunaSearch takes objects, not URLs)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".journal"):
@@ -76,8 +81,6 @@ def add_finished_trials(storage, study, trials: Sequence) -> range:
     their trial numbers: the same records `study.add_trials` makes, numbered after the study's trials, but
     into an `RDBStorage` with one multi-row insert per table in one transaction. A study runs in one task at
     a time, so no other writer numbers trials of it meanwhile. Other storages get `study.add_trials`."""
-    import optuna
-
     for trial in trials:
         if not trial.state.is_finished():
             raise ValueError(f"only finished trials are added in bulk, got a {trial.state.name} one")
@@ -93,12 +96,8 @@ def add_finished_trials(storage, study, trials: Sequence) -> range:
 def _insert_trials(storage, study_id: int, trials: Sequence) -> range:
     """Rows of Optuna's RDB schema (its own table models) for `trials`, as `RDBStorage.create_new_trial`
     writes them from a template trial, in one transaction."""
+    # Optuna's private RDB models (see the module docstring for why and the versions tested)
     import sqlalchemy as sa
-    from optuna.distributions import (
-        check_distribution_compatibility,
-        distribution_to_json,
-        json_to_distribution,
-    )
     from optuna.storages._rdb import models
 
     table = models.TrialModel.__table__

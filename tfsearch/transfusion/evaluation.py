@@ -7,15 +7,16 @@ them computed once (and cached) from the checkpoint.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 from tfsearch.data.datasets import defect_kind
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
-from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, MapFuser, evaluate, per_kind
-from tfsearch.transfusion.trainer import Runtime, TrainDir, Trainer, add_runtime_arguments
+from tfsearch.maps.fusion import MapFuser
+from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate, per_kind
+from tfsearch.transfusion.job import TrainDir
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer
 
 
 def milestone_maps(run_dir: Path, epoch: int | None = None, runtime: Runtime | None = None) -> Path:
@@ -62,48 +63,3 @@ def evaluate_run(
         **{name: metrics[name] for name in METRIC_NAMES},
         "per_kind": per_kind(maps.masks, fused, [defect_kind(i) for i in maps.image_ids]),
     }
-
-
-def format_value(value: float) -> str:
-    return "undefined" if math.isnan(value) else f"{100 * value:.2f}"
-
-
-def json_ready(value: object) -> object:
-    """`value` with every NaN, however deeply nested, as None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="metrics of a trained run at one milestone, λ and n")
-    parser.add_argument("run_dir", type=Path, help="a folder written by `tfsearch train`")
-    parser.add_argument("--epoch", type=int, help="milestone epoch (default: the last one)")
-    parser.add_argument(
-        "--lam", type=float, help="weight of M_disc in the fused map (default: the profile's)"
-    )
-    parser.add_argument("--kernel", type=int, help="odd mean-filter size n (default: the profile's)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_runtime_arguments(parser)
-    parser.set_defaults(func=run_evaluate)
-
-
-def run_evaluate(args) -> int:
-    runtime = Runtime(args.device, args.precision, args.loader_workers, False, args.channels_last)
-    result = evaluate_run(args.run_dir, args.epoch, args.lam, args.kernel, runtime)
-    if args.json:
-        print(json.dumps(json_ready(result)))
-        return 0
-    print(
-        f"{result['dataset']}/{result['category']}  epoch {result['epoch']}  "
-        f"λ {result['lam']}  n {result['kernel']}"
-        f"  ({result['images']} test images, {result['anomalous']} anomalous)"
-    )
-    for name in METRIC_NAMES:
-        print(f"  {name:<13} {format_value(result[name])}")
-    normal = result["images"] - result["anomalous"]
-    print(f"  per defect kind (its anomalous images against all {normal} normal ones):")
-    for kind, values in result["per_kind"].items():
-        image, pixel = format_value(values["image_auroc"]), format_value(values["pixel_auroc"])
-        print(f"    {kind:<16} {values['anomalous']:>4} images  image_auroc {image}  pixel_auroc {pixel}")
-    return 0

@@ -4,7 +4,7 @@ Per image, starting from the image itself and an empty mask, the network runs at
 T = 20). Each step removes the predicted anomaly inside the thresholded mask. The raw maps are
 M_disc = Σ σ(ℓ_t) / (T−1), with the original's divisor T−1 although T−2 maps are summed, and
 M_recon = the channel mean of (I − R)², both in [0,1], with R the final reconstruction clipped to [0,1].
-λ and the mean filter are applied later by `tfsearch.maps.metrics.fuse`, on cached maps.
+λ and the mean filter are applied later by `tfsearch.maps.fusion.fuse`, on cached maps.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Where a paper-profile job departs from the paper's training protocol, so that no departure stays silent.
 
 The paper trains with anomaly textures from DTD and, on object categories, places anomalies on the released
-foreground masks. Without `--texture-root` tfsearch draws procedural textures instead, and without
-`--fg-root` it estimates an object's foreground from the image border (`tfsearch.transfusion.synthesis`), and a profile
+foreground masks. Without `--texture-root` tfsearch draws procedural textures instead, and without `--fg-root`
+it estimates an object's foreground from the image border (`tfsearch.transfusion.synthesis`), and a profile
 override `subtle_share` adds anomaly appearances the paper never draws. All are fine for a quick run and wrong
-for a reproduction, so a job of the `paper` profile that lacks them says so:
-`tfsearch train` and every training trial print it (`Trainer.start`), the run's driver prints it once
-(`ProgressView`), and the report lists it under the run. All of them ask `paper_protocol_note`.
+for a reproduction, so a job of the `paper` profile that lacks them says so: `tfsearch train` and every
+training trial print it (`Trainer.start`), the run's driver prints it once (`ProgressView`), and the report
+lists it under the run. All of them ask `paper_protocol_note`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pandas as pd
 
 from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, write_sync_note
 from tfsearch.run.plan import RunPlan
-from tfsearch.run.selection.candidates import CHOICE_ATTR, config_of
+from tfsearch.run.selection.study import CHOICE_ATTR, candidate_of
 from tfsearch.store.run_folder import IMPORTANCE_COLUMNS, IMPORTANCE_FILE, write_csv
 from tfsearch.store.studies import open_studies, studies_file, study_name
 
@@ -41,8 +41,8 @@ def candidates_frame(study: optuna.Study) -> pd.DataFrame:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if "metrics" not in trial.user_attrs:
             continue
-        config = config_of(trial)
-        row = {"trial": trial.number, **config.as_params(), "value": trial.value}
+        candidate = candidate_of(trial)
+        row = {"trial": trial.number, **candidate.as_params(), "value": trial.value}
         for category, metrics in trial.user_attrs["metrics"].items():
             row.update({f"{category}/{name}": value for name, value in metrics.items()})
         rows.append(row)
@@ -110,7 +110,7 @@ def log_studies_to_wandb(
     check_mode(mode, project)
     if mode == "disabled":
         return
-    import wandb
+    import wandb  # seconds to import: not with --wandb disabled
 
     for scope, study in studies.items():
         frame = candidates_frame(study)

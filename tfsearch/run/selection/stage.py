@@ -2,10 +2,10 @@
 over (model, epoch, λ, n) evaluated on the maps the training stage cached.
 
 The studies run as Ray tasks on the driver's node, whose disk holds the studies file and the maps (with an
-object-store storage each task first fetches its categories' maps into the run's cache/). Nothing here
-trains. A group of categories is selected as soon as every category in it finished training (with
-`--seeds K`, every seed of it), while the other categories still train (`Selection`). With several seeds a
-category's candidates are scored on each seed's maps and ranked by the mean (`tfsearch.run.selection.candidates.SeedMeans`).
+object-store storage each task first fetches its categories' maps into the run's cache/). Nothing here trains.
+A group of categories is selected as soon as every category in it finished training (with `--seeds K`, every
+seed of it), while the other categories still train (`Selection`). With several seeds a category's candidates
+are scored on each seed's maps and ranked by the mean (`tfsearch.run.selection.candidates.SeedMeans`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ import math
 import sys
 
 import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tfsearch.maps.cache import map_set_exists
 from tfsearch.run.plan import RunPlan, seeded_model, split_seed
+from tfsearch.run.selection.candidates import Candidate, CategoryMaps, SeedMeans
+from tfsearch.run.selection.study import StudySpec, run_study
 from tfsearch.store.run_folder import MILESTONE_LOG, read_milestone_log
 from tfsearch.store.studies import open_studies, studies_file, study_name
-from tfsearch.transfusion.trainer import TrainDir
+from tfsearch.transfusion.job import TrainDir
 
 # what settles a tie at the best selection value with --select-on val: a continuous metric on the val masks
 VALIDATION_TIE_BREAK = "pixel_ap"
@@ -28,7 +33,7 @@ def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
     """Training configurations of a category and the milestone epochs whose maps they finished; with
     several seeds, the epochs that every seed of the configuration finished."""
     reached: dict[str, dict[int | None, set[int]]] = {}
-    folder = plan.storage / "train" / category
+    folder = plan.training_root / category
     for model_dir in sorted(p for p in folder.glob("*") if p.is_dir()):
         model, seed = split_seed(model_dir.name) if plan.seeds > 1 else (model_dir.name, None)
         epochs = {e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones}
@@ -46,8 +51,6 @@ def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
     """From an object-store storage, download what the selection and the tables read of `categories` into
     the run's cache: each training run's job, history and milestone log, and the maps of every logged
     milestone not cached yet."""
-    from tfsearch.maps.cache import map_set_exists
-
     if plan.location.is_local:
         return
     train = plan.location.child("train")
@@ -67,9 +70,6 @@ def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
 def on_driver_node() -> dict:
     """Ray task options that keep a task on the driver's node, whose disk holds studies.db and the maps; a
     node without CPUs (a head kept free of work) runs the tasks without reserving any."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
@@ -95,7 +95,6 @@ class Selection:
                 self.start(group)
 
     def start(self, group: list[str]) -> None:
-        import ray
 
         task = ray.remote(**on_driver_node())(run_study_task)
         task = task.options(name=f"select-{group_study_name(self.plan, group)}")
@@ -104,8 +103,6 @@ class Selection:
     def finish(self, failed: dict[str, str]) -> None:
         """Start the study of every group whose categories all trained (`failed` maps the others to their
         error) and wait for all of them."""
-        import ray
-
         for group in self.plan.groups:
             if tuple(group) not in self.started and not any(c in failed for c in group):
                 self.start(group)
@@ -124,11 +121,9 @@ def selection_study_names(plan: RunPlan) -> list[str]:
     return [group_study_name(plan, group) for group in plan.groups]
 
 
-def selection_plan(plan: RunPlan, categories: list[str], split: str | None = None):
+def study_spec(plan: RunPlan, categories: list[str], split: str | None = None) -> StudySpec | None:
     """Candidates of a group of categories on `split` (default: the selection split), or None when some
     category has no finished milestone yet."""
-    from tfsearch.run.selection.candidates import CandidateSet, Config, SeedMeans, StudyPlan
-
     split = split or plan.selection_split
     allowed = set(plan.space.epoch_choices(plan.milestones))
     reached = []
@@ -140,8 +135,8 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
         return None
     kernels = plan.space.values("kernel", plan.profile.kernel)
 
-    def candidate_set(category: str, seed: int | None) -> CandidateSet:
-        return CandidateSet(
+    def category_maps(category: str, seed: int | None) -> CategoryMaps:
+        return CategoryMaps(
             {
                 (m, e): TrainDir(plan.train_dir(category, seeded_model(m, seed))).maps(e, split)
                 for m, e in checkpoints
@@ -149,18 +144,18 @@ def selection_plan(plan: RunPlan, categories: list[str], split: str | None = Non
             kernels,
         )
 
-    candidates = {
-        c: candidate_set(c, None)
+    maps = {
+        c: category_maps(c, None)
         if plan.seeds == 1
-        else SeedMeans({seed: candidate_set(c, seed) for seed in plan.training_seeds})
+        else SeedMeans({seed: category_maps(c, seed) for seed in plan.training_seeds})
         for c in categories
     }
     model = default_model(plan, categories, {m for m, _ in checkpoints})
     last = max(e for m, e in checkpoints if m == model)
-    default = Config(model, last, plan.profile.lam, plan.profile.kernel)
+    default = Candidate(model, last, plan.profile.lam, plan.profile.kernel)
     name = group_study_name(plan, categories)
     tie_break = VALIDATION_TIE_BREAK if plan.select_on == "val" else None
-    return StudyPlan(name, plan.space, candidates, checkpoints, default, tie_break)
+    return StudySpec(name, plan.space, maps, checkpoints, default, tie_break)
 
 
 def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str:
@@ -187,11 +182,9 @@ def default_model(plan: RunPlan, categories: list[str], models: set[str]) -> str
 def run_study_task(studies: str, plan: RunPlan, group: list[str]) -> str | None:
     """One group's study (a Ray task): its training results fetched, its candidates evaluated, its choice
     recorded. Returns why nothing was selected, or None."""
-    from tfsearch.run.selection.candidates import run_study
-
     fetch_training_results(plan, group)
-    study_plan = selection_plan(plan, group)
-    if study_plan is None:
+    spec = study_spec(plan, group)
+    if spec is None:
         return "no finished milestone to select from"
-    run_study(open_studies(studies), study_plan)
+    run_study(open_studies(studies), spec)
     return None

@@ -4,94 +4,29 @@ One experiment, `train`, holds the trials of every category, the largest categor
 training hyperparameters it is a trial per category, or per category and seed with `--seeds K` (K trials per
 category side by side: work for more GPUs than categories). With them, each category's `samples`
 configurations are proposed by its own Optuna searcher and stopped early at milestones by its own ASHA
-scheduler (epochs are the resource; `tfsearch.run.training.category_search`), so categories train side by side but never
-compete with each other. A category's selection is told to start once all its trials completed. Tune
-restores the experiment only when the run is resumed (`tfsearch.run.plan.start_run` refuses anything else), and
-a category whose trial fails for good is returned as failed, never passed on as if it had finished.
+scheduler (epochs are the resource; `tfsearch.run.training.category_search`), so categories train side by side
+but never compete with each other. A category's selection is told to start once all its trials completed. Tune
+restores the experiment only when the run is resumed (`tfsearch.run.plan.start_run` refuses anything else),
+and a category whose trial fails for good is returned as failed, never passed on as if it had finished.
 """
 
 from __future__ import annotations
 
-import math
-import sys
+from collections.abc import Callable
 
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tfsearch import __version__
 from tfsearch.data.datasets import largest_first
 from tfsearch.errors import InputError
-from tfsearch.run.plan import RunPlan, model_id, seeded_model
-from tfsearch.run.space import TRAINABLE
+from tfsearch.run.plan import RunPlan, TrialSettings, model_id, seeded_model, started_by
+from tfsearch.run.space import TRAINABLE, Choices, FloatRange, Grid
+from tfsearch.run.training.callbacks import CategoryTrained, ProgressView, RetryBudget, tune_callbacks
+from tfsearch.run.training.category_search import CategoryScheduler, CategorySearch
 from tfsearch.run.training.trainable import train_category
 from tfsearch.store.studies import open_studies, studies_file, study_name
-from tfsearch.transfusion.protocol import paper_protocol_note
-
-
-class ProgressView:
-    """A live console view of the training stage: categories, trials done and running, best so far."""
-
-    def __init__(self, plan: RunPlan, quiet: bool) -> None:
-        self.plan, self.quiet = plan, quiet
-        self.best: dict[str, float] = {}
-        self.done: set[str] = set()
-        self.running: set[str] = set()
-
-    def callback(self):
-        from ray import tune
-
-        from tfsearch.infra import telemetry
-
-        view = self
-
-        class Callback(tune.Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                view.running.add(trial.trial_id)
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                category = trial.config["category"]
-                value = result.get("selection_value", float("nan"))
-                view.best[category] = max(view.best.get(category, -math.inf), value)
-                telemetry.record_best(category, view.best[category])
-                note = f" ({result['device_note']})" if result.get("device_note") else ""
-                view.show(
-                    f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}{note}"
-                )
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                view.running.discard(trial.trial_id)
-                view.done.add(trial.trial_id)
-                telemetry.record_trial_finished(trial.config["category"])
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                view.running.discard(trial.trial_id)
-                view.show(f"{trial.config['category']}: trial {trial.trial_id} failed")
-
-        return Callback()
-
-    def warn_departures(self) -> None:
-        """Once per run, on stderr and even with --quiet: the ways a paper-profile run departs from the
-        paper's protocol (each trial's log says it again for its category)."""
-        note = paper_protocol_note(self.plan.describe())
-        if note:
-            print(f"[run] warning: {note}", file=sys.stderr, flush=True)
-
-    def show(self, event: str) -> None:
-        if self.quiet:
-            return
-        best = ", ".join(f"{c} {v:.3f}" for c, v in sorted(self.best.items()))
-        print(
-            f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}",
-            flush=True,
-        )
-
-
-def retry_budget(max_failures: int):
-    """A Tune callback that gives every trial of a restored experiment this command's `--max-failures`."""
-    from ray import tune
-
-    class RetryBudget(tune.Callback):
-        def on_step_begin(self, iteration, trials, **info):
-            for trial in trials:
-                trial.max_failures = max_failures
-
-    return RetryBudget()
 
 
 def trial_name(trial) -> str:
@@ -100,29 +35,30 @@ def trial_name(trial) -> str:
     return f"train-{trial.config['category']}-{seeded_model(model_id(params), trial.config.get('seed'))}"
 
 
-def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dict[str, str]:
+def run_training(
+    plan: RunPlan,
+    trainable: Callable[[dict, TrialSettings], None] = train_category,
+    on_trained: Callable[[str], None] | None = None,
+) -> dict[str, str]:
     """One Tune experiment, a trial per (category, training configuration, seed); an experiment that exists
     is restored (the plan reached here only with `--resume`), with this command's retries, W&B mode and
     progress output.
-    `selection` (a `tfsearch.run.selection.stage.Selection`) is told of each category whose training ended, so
-    its study starts while other categories still train.
+    `on_trained(category)` is called as each category's training ends (the run starts its selection study
+    then, while other categories still train).
 
     Returns the categories whose training failed for good, each with its error.
     """
-    from ray import tune
-
-    from tfsearch.infra.tracking import tune_callbacks
-
     settings = plan.trial_settings()
     resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     runnable = tune.with_resources(tune.with_parameters(trainable, settings=settings), resources)
     view = ProgressView(plan, plan.quiet)
     view.warn_departures()
-    trained = selection.trained if selection is not None else (lambda category: None)
     search = plan.space.training
     callbacks = [
         view.callback(),
-        category_trained(trained, plan.seeds if search is None else search.samples),
+        CategoryTrained(
+            on_trained or (lambda category: None), plan.seeds if search is None else search.samples
+        ),
         *tune_callbacks(plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity),
     ]
     failure_config = tune.FailureConfig(max_failures=plan.max_failures)
@@ -130,9 +66,19 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     filesystem = tune_root.filesystem
     path = tune_root.child("train").path
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        tuner = tune.Tuner.restore(
-            path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
-        )
+        try:
+            tuner = tune.Tuner.restore(
+                path, runnable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+            )
+        except ModuleNotFoundError as exc:  # Ray pickled the module paths of the version that started it
+            if not (exc.name or "").startswith("tfsearch"):
+                raise
+            raise InputError(
+                f"--resume: {tune_root.child('train').uri} was started by {started_by(plan.run_dir)}, whose"
+                f" modules ({exc.name}) tfsearch {__version__} no longer has, so Ray cannot restore its"
+                " training: finish it with that version, or start it again under another --name (a finished"
+                " run still reports and exports with this version)"
+            ) from None
         # Ray restores the RunConfig it pickled at the start, and each trial keeps the retry budget it was
         # created with; neither has a public setter: set what may differ on --resume
         internal = tuner._local_tuner  # None through Ray Client (ray://), whose tuner runs remotely
@@ -143,7 +89,7 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
             )
         run_config = internal.get_run_config()
         run_config.failure_config = failure_config
-        run_config.callbacks = [*callbacks, retry_budget(plan.max_failures)]
+        run_config.callbacks = [*callbacks, RetryBudget(plan.max_failures)]
     else:
         # Tune starts trials in the order they are made: the largest categories first
         categories = largest_first(plan.dataset, plan.data_root, plan.categories)
@@ -172,24 +118,6 @@ def run_training(plan: RunPlan, trainable=train_category, selection=None) -> dic
     return failed
 
 
-def category_trained(trained, per_category: int):
-    """A Tune callback that calls `trained(category)` when the last of a category's `per_category` trials
-    (one per seed, or its training search's samples, whether ASHA stopped them or not) completes; a category
-    with a trial that failed for good is never told."""
-    from ray import tune
-
-    completed: dict[str, set[str]] = {}
-
-    class CategoryTrained(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            category = trial.config["category"]
-            completed.setdefault(category, set()).add(trial.trial_id)
-            if len(completed[category]) == per_category:
-                trained(category)
-
-    return CategoryTrained()
-
-
 def first_line(error: BaseException) -> str:
     """An error as one line: Tune wraps a trial's exception, whose own message ends its text."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -198,10 +126,6 @@ def first_line(error: BaseException) -> str:
 
 def tune_domain(param):
     """A space parameter as a Ray Tune domain (which OptunaSearch turns into an Optuna distribution)."""
-    from ray import tune
-
-    from tfsearch.run.space import Choices, FloatRange, Grid
-
     if isinstance(param, FloatRange):
         return tune.loguniform(param.low, param.high) if param.log else tune.uniform(param.low, param.high)
     if isinstance(param, Choices | Grid):
@@ -211,8 +135,6 @@ def tune_domain(param):
 
 def training_grid(plan: RunPlan, categories: list[str]) -> dict:
     """Tuner arguments of a run without training hyperparameters: a trial per category (and seed)."""
-    from ray import tune
-
     # with several seeds, each (category, seed) is a trial of its own: more trials than categories; the grid's
     # first key varies fastest, so a category's seeds start one after another, largest first
     seeds = {"seed": tune.grid_search(plan.training_seeds)} if plan.seeds > 1 else {}
@@ -222,11 +144,6 @@ def training_grid(plan: RunPlan, categories: list[str]) -> dict:
 def training_search(plan: RunPlan, categories: list[str]) -> dict:
     """Tuner arguments of every category's training-hyperparameter search in one experiment: per category
     its own Optuna study proposes and its own ASHA scheduler stops, the categories asked in turn."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from tfsearch.run.training.category_search import CategoryScheduler, CategorySearch
-
     search = plan.space.training
     storage = open_studies(studies_file(plan.run_dir))
     searchers = {

@@ -23,23 +23,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+from ray import tune
 
+from tfsearch.errors import InputError
+from tfsearch.infra import telemetry
 from tfsearch.maps.cache import META_FILE, read_map_set
-from tfsearch.run.plan import model_id, seeded_model
+from tfsearch.maps.fusion import fuse
+from tfsearch.maps.metrics import GroundTruth, evaluate
+from tfsearch.run.plan import TrialSettings, model_id, seeded_model
 from tfsearch.run.space import TRAINABLE
 from tfsearch.store.atomic import atomic_write_json
 from tfsearch.store.location import Location
 from tfsearch.store.run_folder import MILESTONE_LOG, now, read_milestone_log
-from tfsearch.transfusion.trainer import CHECKPOINT_FILE, MODEL_FILE, Runtime, TrainDir, Trainer, TrainJob
+from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, TrainDir, TrainJob
+from tfsearch.transfusion.profiles import GPU_PROFILES
+from tfsearch.transfusion.runtime import Runtime
+from tfsearch.transfusion.trainer import Trainer
 
 # where training trials keep their scratch copy with an object-store --storage (default: the system temp)
 SCRATCH_ENV = "TFSEARCH_SCRATCH"
 
 
-def job_from_settings(settings: dict, category: str, train_params: dict, seed: int | None = None) -> TrainJob:
+def category_job(template: TrainJob, category: str, train_params: dict, seed: int | None = None) -> TrainJob:
     """A category's training job, from the plan's job template, a trial's training hyperparameters and its
     seed (None: the profile's own)."""
-    job = TrainJob.from_dict({**settings["job"], "category": category})
+    job = dataclasses.replace(template, category=category)
     changes = {**train_params, **({} if seed is None else {"seed": seed})}
     return dataclasses.replace(job, profile=job.profile.replace(**changes)) if changes else job
 
@@ -118,7 +128,7 @@ class TrainingFolder:
                 self.remote.delete(f"checkpoints/{name}")
 
 
-def train_category(config: dict, settings: dict) -> None:
+def train_category(config: dict, settings: TrialSettings) -> None:
     """Ray Tune trainable: train one category (one training configuration) to its last milestone.
 
     At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
@@ -127,28 +137,25 @@ def train_category(config: dict, settings: dict) -> None:
     category = config["category"]
     train_params = {k: config[k] for k in TRAINABLE if k in config}
     seed = config.get("seed")  # set only with several seeds per category (`RunPlan.training_seeds`)
-    with TrainingFolder(settings["storage"], category, seeded_model(model_id(train_params), seed)) as folder:
+    with TrainingFolder(settings.storage_uri, category, seeded_model(model_id(train_params), seed)) as folder:
         train_in_folder(folder, category, train_params, settings, seed)
 
 
 def train_in_folder(
-    folder: TrainingFolder, category: str, train_params: dict, settings: dict, seed: int | None = None
+    folder: TrainingFolder,
+    category: str,
+    train_params: dict,
+    settings: TrialSettings,
+    seed: int | None = None,
 ) -> None:
     """The body of `train_category`, once the trial's folder is in place (resumed if it holds a run)."""
-    import ray
-    import torch
-    from ray import tune
-
-    from tfsearch.infra import telemetry
-    from tfsearch.maps.metrics import GroundTruth, evaluate, fuse
-
     model = seeded_model(model_id(train_params), seed)
-    job = job_from_settings(settings, category, train_params, seed)
+    job = category_job(settings.job, category, train_params, seed)
     train_dir = folder.path
-    torch.set_num_threads(max(1, int(settings["cpus"])))
-    device_note = check_device(job, settings["allow_cpu"])
+    torch.set_num_threads(max(1, int(settings.cpus)))
+    device_note = check_device(job, settings.allow_cpu)
 
-    runtime = Runtime("auto", settings["precision"], progress=False, channels_last=settings["channels_last"])
+    runtime = Runtime("auto", settings.precision, progress=False, channels_last=settings.channels_last)
     trainer = Trainer(job, train_dir, runtime)
     trainer.start(resume=True)  # a retried or resumed trial continues from its folder's latest milestone
     node_id = ray.get_runtime_context().get_node_id()
@@ -156,16 +163,16 @@ def train_in_folder(
 
     def log_milestone(epoch: int, images_per_second: float, loss: float) -> dict[str, float]:
         """Score the default (λ, n) on the selection split and record the milestone (keyed by epoch)."""
-        maps = read_map_set(TrainDir(train_dir).maps(epoch, settings["split"]))
-        fused = fuse(maps.m_disc, maps.m_recon, settings["lam"], settings["kernel"])
+        maps = read_map_set(TrainDir(train_dir).maps(epoch, settings.split))
+        fused = fuse(maps.m_disc, maps.m_recon, settings.lam, settings.kernel)
         metrics = evaluate(GroundTruth.from_masks(np.asarray(maps.masks)), fused)
         row = {
             "category": category,
             "model": model,
             "epoch": epoch,
-            "lam": settings["lam"],
-            "kernel": settings["kernel"],
-            "split": settings["split"],
+            "lam": settings.lam,
+            "kernel": settings.kernel,
+            "split": settings.split,
             **metrics,
             "node_id": node_id,
             "started_at": started,
@@ -187,12 +194,12 @@ def train_in_folder(
 
     def report(milestone) -> None:
         metrics = log_milestone(milestone.epoch, milestone.images_per_second, milestone.loss)
-        value = metrics[settings["metric"]]
+        value = metrics[settings.metric]
         telemetry.record_milestone(category, milestone.images_per_second)
         print(
             f"[train] {category} {model} epoch {milestone.epoch}/{job.profile.epochs}:"
             f" loss {milestone.loss:.4f}, {milestone.images_per_second:.1f} img/s,"
-            f" {settings['metric']} {value:.4f}{device_note}",
+            f" {settings.metric} {value:.4f}{device_note}",
             flush=True,
         )
         tune.report(
@@ -211,12 +218,6 @@ def check_device(job: TrainJob, allow_cpu: bool) -> str:
     """A trial that holds a GPU where torch sees no CUDA (a node without drivers, or logical GPUs) trains on
     the CPU: said in its log and progress lines, and refused for a GPU profile unless `--allow-cpu`.
     Returns the note its progress lines carry ("" when the trial runs where it was placed)."""
-    import ray
-    import torch
-
-    from tfsearch.errors import InputError
-    from tfsearch.transfusion.profiles import GPU_PROFILES
-
     held = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if not held or torch.cuda.is_available():
         return ""

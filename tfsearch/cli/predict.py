@@ -1,0 +1,64 @@
+"""`tfsearch predict`: maps, overlays and scores of new images with an exported model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import tfsearch.deploy.detector
+from tfsearch.deploy.detector import SCORES_FILE, run_prediction
+from tfsearch.errors import InputError
+from tfsearch.transfusion.runtime import PRECISIONS, Runtime
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="anomaly maps, overlays and scores of new images with an exported model",
+        description=tfsearch.deploy.detector.__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("export", type=Path, metavar="EXPORT", help="an export folder (EXPORT_DIR/CATEGORY)")
+    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE|DIR", help="images or folders")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="writes maps/, overlays/ and scores.csv"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, help="images per batch (default: the profile's inference batch)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocasts the network; auto: bf16 where the model's profile asks for it and the device"
+        " has it",
+    )
+    parser.add_argument("--address", help="fan the batches out to a Ray cluster (HOST:PORT or auto)")
+    parser.add_argument(
+        "--workers", type=int, help="with --address: models to load (default: one per GPU, else per node)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers}: expected a positive number of models")
+    runtime = Runtime(device=args.device, precision=args.precision, progress=not args.quiet)
+    started = time.perf_counter()
+    rows = run_prediction(
+        args.export,
+        args.inputs,
+        args.out,
+        runtime=runtime,
+        batch_size=args.batch,
+        address=args.address,
+        workers=args.workers,
+    )
+    seconds = time.perf_counter() - started
+    anomalous = sum(row["label"] for row in rows)
+    print(
+        f"{len(rows)} images, {anomalous} anomalous, in {seconds:.1f} s "
+        f"({len(rows) / seconds:.2f} images/s); maps, overlays and {SCORES_FILE} in {args.out}"
+    )
+    return 0
