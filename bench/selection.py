@@ -1,34 +1,42 @@
-"""One per-category selection, exhaustive and exact, side by side with the TPE path it replaces.
+"""One per-category selection study, exhaustive and exact, side by side with TPE studies on the same maps.
 
     python -m bench.selection                      # 30 milestones x 8 n x 21 λ on 200 maps of 256²
     python -m bench.selection --maps 40 --size 128 --milestones 6    # a quick look
+    python -m bench.selection --repeats 3          # each study three times: min / median / max
 
-Both runs read the same synthetic map cache (smooth normal maps, anomalous images with a blob whose strength
-changes with the milestone) and write their study to a fresh SQLite storage, as `tfsearch run` does:
+Every study reads the same synthetic map cache (smooth normal maps, anomalous images with a blob whose
+strength changes with the milestone) through a fresh `CategoryMaps`, and writes to a fresh SQLite storage,
+as `tfsearch run` does (every storage is opened before the clocks start). Three studies, all through the
+current `run_study`, differing only in their space's `selection` block:
 
-- exhaustive: `run_study` with `sampler: exhaustive`, every milestone x n x λ, image AUROC exact;
-- TPE, as before this change: the selection code of commit 41ba2c5 (64 TPE trials over milestone, λ in
-  [0.5, 1] and n; each candidate filters through `MapFuser`'s cache of 4 milestones x 3 kernel sizes and
-  computes all five metrics), loaded from git.
+- exhaustive: `sampler: exhaustive`, every milestone x n x λ, each candidate's image AUROC exact from the
+  hull candidates of its (milestone, n) (`ImageMaxima`);
+- tpe: `sampler: tpe`, `--tpe-trials` candidates (64, as the built-in `per_class` space) drawn over
+  milestone, λ in [0.5, 1] and n, scored the same exact way;
+- tpe, all metrics: the same TPE study with `all_metrics: true`: each candidate through `MapFuser` (filtered
+  maps cached for 4 milestones x 3 n) and all five metrics. This is how every candidate was scored before
+  selection scored image AUROC alone, and the baseline earlier figures of this bench compared against.
 
-It prints the wall time, candidates per second and the best image AUROC of each, where the exhaustive path
-spent its time (reducing the maps to their hull candidates, `CandidateSet.prepare_maxima`, in one worker
-process per CPU, each a milestone at a time, or with `--one-process` in this process, threads over each
-milestone's images; the storage writes), and the load average at the start and at the end.
+It prints, per study, the wall time, candidates per second and the best image AUROC; for the exhaustive
+study where its time went (reducing the maps to their hull candidates, `CategoryMaps.prepare_maxima`, in
+one worker process per CPU, each a milestone at a time, or with `--one-process` in this process, threads
+over each milestone's images; the storage writes; outside its wall time, reading the trials back as
+`trials.csv` and the dashboard do); the ratio of candidates per second; the CPU and the load average at
+the start and at the end. With `--repeats N` each study runs N times (in turn: exhaustive, tpe, tpe with
+all metrics, then again) and each time figure is given as min / median / max.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
-import subprocess
-import sys
+import statistics
 import tempfile
 import time
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +44,15 @@ import optuna
 from scipy import ndimage
 
 import tfsearch.run.selection.candidates
+import tfsearch.run.selection.study
 from tfsearch.maps.cache import MapSet, write_map_set
-from tfsearch.maps.metrics import usable_cpus
-from tfsearch.run.selection.candidates import CandidateSet, Config, StudyPlan, run_study
-from tfsearch.run.space import parse_space
+from tfsearch.maps.fusion import usable_cpus
+from tfsearch.run.selection.candidates import Candidate, CategoryMaps
+from tfsearch.run.selection.study import StudySpec, run_study
+from tfsearch.run.space import Space, parse_space
 
-BEFORE = "41ba2c5"
 KERNELS = [1, 3, 5, 7, 9, 11, 15, 21]
+STUDIES = ("exhaustive", "tpe", "tpe, all metrics")
 
 
 def write_cache(root: Path, maps: int, size: int, milestones: int, seed: int = 0) -> dict:
@@ -72,40 +82,77 @@ def write_cache(root: Path, maps: int, size: int, milestones: int, seed: int = 0
     return dirs
 
 
-def load_before() -> types.ModuleType:
-    """`tfsearch.run.selection.candidates` as it was at `BEFORE`, over `tfsearch.maps.metrics` of the same commit."""
-    modules = {}
-    for name in ("metrics", "selection"):
-        source = subprocess.run(
-            ["git", "show", f"{BEFORE}:tfsearch/{name}.py"], capture_output=True, text=True, check=True
-        ).stdout
-        source = source.replace("from tfsearch.maps.metrics import", "from tfsearch_before_metrics import")
-        spec = importlib.util.spec_from_loader(f"tfsearch_before_{name}", loader=None)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        exec(compile(source, f"{BEFORE}:tfsearch/{name}.py", "exec"), module.__dict__)
-        modules[name] = module
-    return modules["selection"]
+def spaces(lam_points: int, tpe_trials: int) -> dict[str, Space]:
+    """The three studies' spaces: the same parameters, three `selection` blocks."""
+    params = {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": KERNELS}}
+    selection = {
+        "exhaustive": {"sampler": "exhaustive", "lam_points": lam_points},
+        "tpe": {"sampler": "tpe", "trials": tpe_trials},
+        "tpe, all metrics": {"sampler": "tpe", "trials": tpe_trials, "all_metrics": True},
+    }
+    return {
+        name: parse_space({"name": f"s{index}", "selection": block, "params": params}, "bench")
+        for index, (name, block) in enumerate(selection.items())
+    }
 
 
-def storage(folder: Path, name: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{folder / name}.db")
+class Timer:
+    """Seconds spent in a function of a module or class, while the bench runs; `take` returns and resets."""
+
+    def __init__(self, owner: types.ModuleType | type, name: str) -> None:
+        self.spent = 0.0
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.spent += time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    def take(self) -> float:
+        spent, self.spent = self.spent, 0.0
+        return spent
 
 
-def timing(module: types.ModuleType, name: str) -> list[float]:
-    """Seconds spent in `module.name` (a function), accumulated while the bench runs."""
-    spent = [0.0]
-    original = getattr(module, name)
+@dataclass
+class Runs:
+    """What one kind of study measured, a value per repeat."""
 
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
+    candidates: int = 0
+    best: float = math.nan
+    wall: list[float] = field(default_factory=list)
+    maxima: list[float] = field(default_factory=list)  # filtering and hull candidates
+    writes: list[float] = field(default_factory=list)  # bulk writes to SQLite
+    read_back: list[float] = field(default_factory=list)
 
-    setattr(module, name, timed)
-    return spent
+    @property
+    def rate(self) -> float:
+        return self.candidates / statistics.median(self.wall)
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """One value, or min / median / max of several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f} s"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{low:.{digits}f} / {mid:.{digits}f} / {high:.{digits}f} s"
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def best(study: optuna.Study) -> float:
@@ -119,68 +166,81 @@ def main() -> None:
     parser.add_argument("--milestones", type=int, default=30)
     parser.add_argument("--lam-points", type=int, default=21)
     parser.add_argument("--tpe-trials", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each study (min / median / max)")
     parser.add_argument(
         "--one-process",
         action="store_true",
         help="reduce the milestones in this process (threads over images)",
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.one_process:
         tfsearch.run.selection.candidates.WORKER_MIN_PIXELS = math.inf
-    load_at_start = os.getloadavg()
-    params = {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": KERNELS}}
-    exhaustive = parse_space(
-        {
-            "name": "x",
-            "selection": {"sampler": "exhaustive", "lam_points": args.lam_points},
-            "params": params,
-        },
-        "bench",
-    )
-    tpe = parse_space(
-        {"name": "t", "selection": {"sampler": "tpe", "trials": args.tpe_trials}, "params": params}, "bench"
-    )
+    load_at_start = load()
+    study_spaces = spaces(args.lam_points, args.tpe_trials)
+    runs = {name: Runs() for name in STUDIES}
     with tempfile.TemporaryDirectory(prefix="tfsearch-bench-selection-") as folder:
         root = Path(folder)
         dirs = write_cache(root / "maps", args.maps, args.size, args.milestones)
         checkpoints = sorted(dirs)
-        default = Config("default", checkpoints[-1][1], 0.95, 7)
+        default = Candidate("default", checkpoints[-1][1], 0.95, 7)
 
-        # both storages opened before the clocks start: the first pays for importing SQLAlchemy and alembic
-        storages = storage(root, "exhaustive"), storage(root, "tpe")
-        writes = timing(tfsearch.run.selection.candidates, "add_finished_trials")  # the storage writes
+        # every storage opened before the clocks start: the first pays for importing SQLAlchemy and alembic
+        storages = {
+            (name, repeat): optuna.storages.RDBStorage(f"sqlite:///{root / f'study-{index}-{repeat}.db'}")
+            for repeat in range(args.repeats)
+            for index, name in enumerate(STUDIES)
+        }
+        writes = Timer(tfsearch.run.selection.study, "add_finished_trials")
         # box filters and hull candidates: in worker processes, a milestone each, or per milestone in-process
-        maxima = timing(CandidateSet, "prepare_maxima")
-        in_process = timing(tfsearch.run.selection.candidates, "image_maxima")
-        started = time.perf_counter()
-        plan = StudyPlan("x/c", exhaustive, {"c": CandidateSet(dirs, tuple(KERNELS))}, checkpoints, default)
-        study = run_study(storages[0], plan)
-        exhaustive_s = time.perf_counter() - started
-        started = time.perf_counter()
-        exhaustive_n, exhaustive_best = len(study.trials), best(study)
-        read_s = time.perf_counter() - started
+        maxima = Timer(CategoryMaps, "prepare_maxima")
+        in_process = Timer(tfsearch.run.selection.candidates, "image_maxima")
+        for repeat in range(args.repeats):
+            for name in STUDIES:
+                for timer in (writes, maxima, in_process):
+                    timer.take()
+                measured = runs[name]
+                started = time.perf_counter()
+                maps = {"c": CategoryMaps(dirs, tuple(KERNELS))}
+                plan = StudySpec(f"{name}/c", study_spaces[name], maps, checkpoints, default)
+                study = run_study(storages[name, repeat], plan)
+                measured.wall.append(time.perf_counter() - started)
+                measured.maxima.append(maxima.take() + in_process.take())
+                measured.writes.append(writes.take())
+                started = time.perf_counter()
+                measured.candidates, measured.best = len(study.trials), best(study)
+                measured.read_back.append(time.perf_counter() - started)
 
-        before = load_before()
-        started = time.perf_counter()
-        plan = before.StudyPlan("t/c", tpe, {"c": before.CandidateSet(dirs)}, checkpoints, default)
-        study = before.run_study(storages[1], plan)
-        tpe_s = time.perf_counter() - started
-        tpe_n, tpe_best = len(study.trials), best(study)
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores;", end=" ")
-    print(f"load average at start {load_at_start}, at end {os.getloadavg()}")
-    print(f"{args.maps} maps of {args.size}², {args.milestones} milestones, n {KERNELS}")
-    rate_x, rate_t = exhaustive_n / exhaustive_s, tpe_n / tpe_s
-    print(f"exhaustive: {exhaustive_n} candidates in {exhaustive_s:.1f} s = {rate_x:.1f}/s, best", end=" ")
-    where = "one process" if args.one_process else f"{min(usable_cpus(), args.milestones)} worker processes"
+    print(f"machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores;", end=" ")
+    print(f"load average at start {load_at_start}, at end {load()}")
+    print(f"{args.maps} maps of {args.size}², {args.milestones} milestones, n {KERNELS}", end="")
+    repeats = ", each time figure min / median / max" if args.repeats > 1 else ""
+    print(f"; {args.repeats} run{'s' * (args.repeats > 1)} of each study{repeats}")
+    workers = min(usable_cpus(), args.milestones)
+    pixels = args.maps * args.size * args.size
+    if args.one_process or workers < 2 or pixels < tfsearch.run.selection.candidates.WORKER_MIN_PIXELS:
+        where = "in this process"
+    else:
+        where = f"{workers} worker processes"
+    exhaustive = runs["exhaustive"]
     print(
-        f"{exhaustive_best:.4f}; of which filtering and hull candidates {maxima[0] + in_process[0]:.1f} s",
-        end=" ",
+        f"exhaustive: {exhaustive.candidates} candidates in {spread(exhaustive.wall)} = "
+        f"{exhaustive.rate:.1f}/s, best {exhaustive.best:.4f}; of which filtering and hull candidates "
+        f"{spread(exhaustive.maxima)} ({where}), writing the trials to SQLite {spread(exhaustive.writes)}; "
+        f"reading them back afterwards {spread(exhaustive.read_back)}"
     )
-    print(f"({where}),", end=" ")
-    print(f"writing the trials to SQLite {writes[0]:.1f} s; reading them back afterwards {read_s:.1f} s")
-    print(f"TPE ({BEFORE}): {tpe_n} candidates in {tpe_s:.1f} s = {rate_t:.2f}/s, best {tpe_best:.4f}")
-    print(f"candidates per second: {rate_x / rate_t:.0f}x")
+    for name in STUDIES[1:]:
+        measured = runs[name]
+        detail = ""
+        if name == "tpe":
+            detail = f"; of which filtering and hull candidates {spread(measured.maxima)}"
+        print(
+            f"{name}: {measured.candidates} candidates in {spread(measured.wall)} = "
+            f"{measured.rate:.2f}/s, best {measured.best:.4f}{detail}"
+        )
+    ratios = ", ".join(f"over {name} {exhaustive.rate / runs[name].rate:.1f}x" for name in STUDIES[1:])
+    print(f"candidates per second of the exhaustive study (medians): {ratios}")
 
 
 if __name__ == "__main__":
