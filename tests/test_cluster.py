@@ -670,6 +670,22 @@ def test_an_autoscaling_cluster_starts_gpu_workers_for_every_trial(
         "--wandb", "disabled", "--address", cluster.address, "--allow-cpu",
     ]  # fmt: skip
     env = {**cluster.client_env(), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    # a driver without the cluster's token is refused within seconds, naming the flag and the token variable,
+    # and leaves nothing that stops the corrected command below
+    tokenless = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    started = time.monotonic()
+    refused = subprocess.run(
+        [sys.executable, "-m", "tfsearch.cli", *args],
+        env={**tokenless, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"--address {cluster.address}: the Ray cluster there refused this driver's token" in refused.stderr
+    assert "RAY_AUTH_TOKEN" in refused.stderr.splitlines()[-1]
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "runs" / "autoscaled").exists()
     with (tmp_path / "driver.log").open("w") as log:
         driver = subprocess.run(
             [sys.executable, "-m", "tfsearch.cli", *args],

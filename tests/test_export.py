@@ -14,7 +14,8 @@ from PIL import Image
 
 from tfsearch.cli import main
 from tfsearch.deploy.detector import Detector, resized
-from tfsearch.deploy.export import choose_threshold, read_export
+from tfsearch.deploy.export import choose_threshold
+from tfsearch.deploy.manifest import read_export
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import fuse

@@ -179,31 +179,29 @@ def sampled_study_plan(candidates) -> StudySpec:
 
 
 @pytest.mark.parametrize("studies", [STUDIES_DB, STUDIES_JOURNAL])
-def test_an_interrupted_study_evaluates_every_candidate_it_started_exactly_once(tmp_path, studies):
-    from tfsearch.run.selection.study import make_sampler, open_study, suggest
-
+def test_an_interrupted_sampled_study_is_drawn_again_as_an_uninterrupted_one(tmp_path, studies):
+    """A sampled study cut short (Ctrl-C during selection) is discarded and drawn again from the space's
+    seed, so the resumed run selects exactly what a run that never stopped selects."""
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    reference = run_study(
+        open_studies(tmp_path / "reference" / studies), sampled_study_plan(ScoredCandidates())
+    )
     storage = open_studies(tmp_path / studies)
-    with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th fails
+    with pytest.raises(KeyboardInterrupt):  # 3 candidates complete, the 4th is cut off
         run_study(storage, sampled_study_plan(ScoredCandidates(interrupt_at=4)))
-    # and one more was cut off mid-evaluation (a killed driver leaves it RUNNING)
-    plan = sampled_study_plan(ScoredCandidates())
-    sampler = make_sampler(plan.space, plan.checkpoints, plan.default)
-    study = open_study(storage, plan.name, sampler, retry_failed=True)
-    cut_off = suggest(study.ask(), plan.space, plan.checkpoints, plan.default)
-    interrupted = study.trials[3].params
+    study = run_study(open_studies(tmp_path / studies), sampled_study_plan(ScoredCandidates()))
 
-    study = run_study(open_studies(tmp_path / studies), plan)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 8  # the budget, counted in finished candidates
-    params = [(t.params["lam"], t.params["kernel"]) for t in complete]
-    # both unfinished candidates were evaluated again with their own parameters, once each
-    assert params.count((interrupted["lam"], interrupted["kernel"])) == 1
-    assert params.count((cut_off.lam, cut_off.kernel)) == 1
-    assert sum(1 for t in study.trials if t.state == optuna.trial.TrialState.WAITING) == 0
-    # the trials table keeps the completed candidates only, one row each
-    rows = candidate_rows(study, "test")
-    assert sorted((r["lam"], r["kernel"]) for r in rows) == sorted(params)
-    assert {r["status"] for r in rows} == {"complete"}
+    def drawn(study):
+        return [(t.params["lam"], t.params["kernel"], t.value) for t in study.get_trials(states=complete)]
+
+    assert len(drawn(study)) == 8 and drawn(study) == drawn(reference)
+    assert study.user_attrs["choice"] == reference.user_attrs["choice"]
+    assert {t.state for t in study.trials} == set(complete)  # nothing of the first attempt is left
+    rows = candidate_rows(study, "test")  # the trials table: the completed candidates, one row each
+    assert sorted((r["lam"], r["kernel"]) for r in rows) == sorted((lam, n) for lam, n, _ in drawn(study))
+    # a finished study is kept as it is
+    again = run_study(open_studies(tmp_path / studies), sampled_study_plan(ScoredCandidates()))
+    assert [t.number for t in again.trials] == [t.number for t in study.trials]
 
 
 def test_studies_use_a_journal_on_a_network_file_system(tmp_path, monkeypatch):

@@ -15,9 +15,10 @@ import yaml
 from tfsearch.cli import main
 from tfsearch.errors import InputError
 from tfsearch.run.pipeline import execute
-from tfsearch.run.plan import RunPlan, make_plan, start_run
+from tfsearch.run.plan import RunPlan, make_plan
 from tfsearch.run.selection.stage import Selection
 from tfsearch.run.space import builtin_spaces, load_space
+from tfsearch.run.start import start_run
 from tfsearch.run.training.stage import run_training
 from tfsearch.run.training.trainable import train_category
 from tfsearch.transfusion.job import TrainDir

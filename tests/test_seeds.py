@@ -16,9 +16,10 @@ from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import fuse
 from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, evaluate
 from tfsearch.run.pipeline import execute
-from tfsearch.run.plan import make_plan, seeded_model, split_seed, start_run
+from tfsearch.run.plan import make_plan, seeded_model, split_seed
 from tfsearch.run.selection.candidates import Candidate
 from tfsearch.run.space import load_space
+from tfsearch.run.start import start_run
 from tfsearch.run.training.callbacks import CategoryTrained
 from tfsearch.store.run_folder import SELECTED_COLUMNS, TRIAL_COLUMNS, selected_columns, trial_columns
 from tfsearch.transfusion.job import MODEL_FILE, TrainDir

@@ -1,15 +1,19 @@
-"""The `tfsearch` command line: one module per command (`tfsearch/cli/<command>.py`, its parser and the
-call into the library), each registering itself through `register(subparsers)`; this file only assembles
-them and maps errors to exit codes.
+"""tfsearch: per-class hyperparameter search for TransFusion anomaly detection, on a machine or a cluster.
+
+One module per command (`tfsearch/cli/<command>.py`: its parser and the call into the library) registers
+itself through `register(subparsers)`; this file only assembles them and turns errors and interruptions
+into exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import signal
 import sys
 
-from tfsearch.errors import InputError
+from tfsearch.errors import InputError, Interrupted
 
 # modules that define a `register(subparsers)` function, in the order `tfsearch --help` lists them
 COMMAND_MODULES = tuple(
@@ -30,12 +34,26 @@ def build_parser(modules: tuple[str, ...] = COMMAND_MODULES) -> argparse.Argumen
 
 def main(argv: list[str] | None = None, modules: tuple[str, ...] = COMMAND_MODULES) -> int:
     parser = build_parser(modules)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
         print(f"tfsearch {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"tfsearch {args.command}: {interruption_note(exc, argv, args)}", file=sys.stderr)
+        return exc.exit_code
+
+
+def interruption_note(exc: Interrupted, argv: list[str], args: argparse.Namespace) -> str:
+    """What stopped, where, and the command that continues it (commands with --resume)."""
+    where = f" during {exc.stage}" if exc.stage else ""
+    note = f"interrupted by {signal.Signals(exc.signum).name}{where}; nothing unfinished was published"
+    if not hasattr(args, "resume"):
+        return note
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    return f"{note}. Continue with: tfsearch {shlex.join(again)}"
 
 
 if __name__ == "__main__":

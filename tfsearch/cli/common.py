@@ -4,9 +4,15 @@ device it runs on."""
 from __future__ import annotations
 
 import argparse
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tfsearch.data.datasets import DATASETS
+from tfsearch.errors import InputError
+from tfsearch.infra.interrupts import INTERRUPTIONS, during
+from tfsearch.store.lock import run_lock
 from tfsearch.transfusion.runtime import PRECISIONS
 
 
@@ -55,3 +61,21 @@ def add_synthesis_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-foreground", action="store_true", help="place anomalies anywhere, also on object categories"
     )
+
+
+@contextmanager
+def writing_run_folder(folder: Path, command: str) -> Iterator[None]:
+    """Around a command that writes a run folder outside `tfsearch run` (which has its own): one command
+    per folder (`run_lock`), SIGINT or SIGTERM stop it as an interruption, and a full disk (or quota) is
+    exit 2 saying so. Every file is written atomically, so what was finished before is intact and the
+    command continues with --resume."""
+    with INTERRUPTIONS.installed(), during("training"), run_lock(folder, command):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise InputError(
+                f"{folder}: no space left on the device ({exc.filename or exc.strerror}); what was finished"
+                " before is intact: free some space, then continue with --resume"
+            ) from None

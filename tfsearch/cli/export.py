@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import tfsearch.deploy.export
-from tfsearch.deploy.export import MANIFEST_FILE, export_run
+from tfsearch.deploy.export import export_run
+from tfsearch.deploy.manifest import MANIFEST_FILE
 from tfsearch.errors import InputError
 
 

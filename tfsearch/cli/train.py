@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
-from tfsearch.cli.common import add_data_arguments, add_runtime_arguments, add_synthesis_arguments
+from tfsearch.cli.common import (
+    add_data_arguments,
+    add_runtime_arguments,
+    add_synthesis_arguments,
+    writing_run_folder,
+)
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
 from tfsearch.transfusion.job import VALIDATION_KINDS, TrainDir, TrainJob
@@ -41,12 +46,8 @@ def register(subparsers) -> None:
         help="also write maps of selection data at milestones: held-out good images + synthetic anomalies "
         "(synthetic) or the test split of --val-root (folder)",
     )
-    parser.add_argument(
-        "--val-root", type=Path, help="MVTec-layout folder holding CATEGORY/test for validation"
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
+    parser.add_argument("--val-root", type=Path, help="MVTec-layout folder of CATEGORY/test for validation")
+    parser.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_train)
@@ -78,8 +79,7 @@ def chosen_profile(args, device: torch.device) -> str:
         return name
     name = default_profile(device)
     quick = "" if device.type == "cuda" else ", not a CUDA device: the quick profile"
-    why = f"training on {device}{quick}"
-    print(f"[train] profile {name!r}: {why} (no --profile)", flush=True)
+    print(f"[train] profile {name!r}: training on {device}{quick} (no --profile)", flush=True)
     return name
 
 
@@ -106,7 +106,8 @@ def run_train(args) -> int:
         val_root=args.val_root,
     )
     started = time.perf_counter()
-    trainer = train(job, args.out, runtime, resume=args.resume)
+    with writing_run_folder(args.out, "tfsearch train"):
+        trainer = train(job, args.out, runtime, resume=args.resume)
     data = trainer.data
     print(
         f"trained {job.dataset}/{category} to epoch {trainer.epoch} in {time.perf_counter() - started:.1f} s "

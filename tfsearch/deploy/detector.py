@@ -28,12 +28,13 @@ the same.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from tfsearch.data.images import IMAGE_EXTENSIONS, to_rgb
-from tfsearch.deploy.export import Export, check_weights, read_export
+from tfsearch.deploy.manifest import Export, check_weights, read_export
+from tfsearch.deploy.selected import plain_name
 from tfsearch.errors import InputError
 from tfsearch.infra.cluster import connect
 from tfsearch.maps.fusion import fuse
@@ -121,25 +123,25 @@ class Detector:
             raise InputError(f"--precision must be one of {PRECISIONS}, got {self.runtime.precision!r}")
         self.manifest = export.manifest
         model = self.manifest["model"]
-        self.category = self.manifest["category"]
+        self.category = export.category
         self.lam, self.kernel = float(model["lam"]), int(model["kernel"])
         self.threshold = float(self.manifest["threshold"]["value"])
         self.device = self.runtime.torch_device()
+        # the weights' tensors are checked against the shapes the profile gives (on the meta device) before
+        # the network is built: a profile the weights do not fit allocates nothing
+        state = export.state_dict()
+        profile = export.profile
         try:
-            profile = export.profile
             self.model = TransFusionUNet(profile)
+            self.process = TransparencyProcess(profile.steps)
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{export.folder / 'manifest.json'}: invalid model profile ({exc})") from None
+            raise InputError(
+                f"{export.manifest_file}: invalid model profile (model.profile): {exc}"
+            ) from None
         self.image_size = profile.image_size
         self.batch_size = profile.inference_batch
         self.precision = self.runtime.network_precision(profile, self.device)
-        self.process = TransparencyProcess(profile.steps)
-        weights_file = export.folder / self.manifest["weights"]["file"]
-        try:
-            state = torch.load(io.BytesIO(export.weights), map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a file that is not a state dict
-            raise InputError(f"cannot load {weights_file} as model weights: {exc}") from None
-        check_weights(self.model, state, f"{weights_file} (described by {export.folder / 'manifest.json'})")
+        check_weights(self.model, state, f"{export.weights_file} (described by {export.manifest_file})")
         self.model.to(self.device).eval()
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -224,8 +226,11 @@ def collect_images(arguments: Sequence[Path]) -> tuple[list[InputImage], list[Pa
             ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
             if not found:
                 raise InputError(f"{argument} holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            # the folder's own name as written (a `..` resolved, a symbolic link not followed)
+            own = [Path(os.path.abspath(argument)).name] if Path(os.path.abspath(argument)).name else []
             images += [
-                InputImage(p, p.relative_to(argument.parent).with_suffix("").as_posix()) for p in found
+                InputImage(p, PurePosixPath(*own, *p.relative_to(argument).with_suffix("").parts).as_posix())
+                for p in found
             ]
         else:
             raise InputError(f"{argument}: no such image or folder")
@@ -312,6 +317,23 @@ def cluster_predictions(
             ray.kill(actor)
 
 
+def output_path(out: Path, kind: str, category: str, name: str, suffix: str) -> Path:
+    """OUT/KIND/CATEGORY/NAME+SUFFIX, built from plain names only (NAME's folders and file name each one), and
+    checked to stay under `out`: neither an export's category nor an image's name writes anywhere else."""
+    *folders, stem = name.split("/")
+    parts = [
+        plain_name(kind, "the output folder"),
+        plain_name(category, "the export's category"),
+        *(plain_name(folder, f"a folder of the image name {name!r}") for folder in folders),
+        plain_name(stem + suffix, f"the output file of the image {name!r}"),
+    ]
+    path = out.joinpath(*parts)
+    root = os.path.normpath(os.path.abspath(out))
+    if os.path.commonpath([root, os.path.normpath(os.path.abspath(path))]) != root:
+        raise InputError(f"{path} would lie outside --out {out}: refused")
+    return path
+
+
 def run_prediction(
     export_dir: Path,
     inputs: Sequence[Path],
@@ -338,10 +360,16 @@ def run_prediction(
     check_images(images)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch {batch_size}: expected a positive number of images")
-    category = export.manifest["category"]
-    batch_size = batch_size or int(export.manifest["model"]["profile"]["inference_batch"])
+    category = export.category  # a plain name: read_export checked it
+    batch_size = batch_size or export.profile.inference_batch
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    paths = [
+        (output_path(out, MAPS_DIR, category, image.name, ".tiff"),
+         output_path(out, OVERLAYS_DIR, category, image.name, ".png"))
+        for image in images
+    ]  # fmt: skip
     if address:
+        export.state_dict()  # the weights fit the profile: checked here, before any worker loads them
         results = cluster_predictions(export, batches, runtime, address, workers)
     else:
         detector = Detector(export, runtime)
@@ -349,11 +377,11 @@ def run_prediction(
     rows = []
     bar = tqdm(total=len(images), unit="img", desc=f"predict {category}", disable=not runtime.progress)
     started = time.perf_counter()
+    outputs = iter(paths)
     for batch, predictions in zip(batches, results, strict=True):
         for image, prediction in zip(batch, predictions, strict=True):
-            map_path = out / MAPS_DIR / category / f"{image.name}.tiff"
+            map_path, overlay_path = next(outputs)
             atomic_write(map_path, lambda handle, p=prediction: handle.write(p.map_tiff))
-            overlay_path = out / OVERLAYS_DIR / category / f"{image.name}.png"
             atomic_write(overlay_path, lambda handle, p=prediction: handle.write(p.overlay_png))
             rows.append(
                 {

@@ -11,6 +11,12 @@ search. The manifest holds the export format, the dataset and category, the prot
 configuration was selected on with its metrics, the training profile, λ, n, an image-level threshold, the
 weights' SHA-256, the run it came from and the library versions.
 
+Each category's folder is written under a temporary name beside DIR/CATEGORY and renamed into place when it
+is complete: an export that fails (a damaged checkpoint, a full disk) leaves no partial folder, and the other
+categories' folders as they were. The files take the permissions the umask gives new files.
+
+An export is read back as data, never as code or paths to follow (`tfsearch.deploy.manifest`).
+
 The threshold is chosen on the selection data (the selection split's cached maps at the selected
 configuration): by default the one that maximises the image-level F1 score, or with `--threshold-at-fpr F`
 the lowest one whose false-positive rate stays at most F. It is placed halfway between the lowest score it
@@ -20,12 +26,11 @@ the float rounding of a recomputed map. An image is anomalous when its score is 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import json
 import math
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,26 +39,21 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from tfsearch import __version__
-from tfsearch.deploy.selected import Selected, TrainingRun, read_config, read_selected
+from tfsearch.deploy.manifest import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    check_weights,
+)
+from tfsearch.deploy.selected import Selected, TrainingRun, plain_name, read_config, read_selected
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import fuse
 from tfsearch.maps.metrics import image_scores
-from tfsearch.store.atomic import atomic_write, atomic_write_json
+from tfsearch.store.atomic import atomic_folder, atomic_write, atomic_write_json
 from tfsearch.store.run_folder import SELECTED_FILE, now
-from tfsearch.transfusion.profiles import Profile
 from tfsearch.transfusion.unet import TransFusionUNet, count_parameters
-
-EXPORT_FORMAT = "tfsearch-export"
-EXPORT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "weights.pt"
-# what a manifest must hold, by section, for a model to be rebuilt and used
-MANIFEST_KEYS = {
-    "model": ("epoch", "lam", "kernel", "image_size", "profile"),
-    "threshold": ("value",),
-    "weights": ("file", "sha256"),
-}
 
 
 # ------------------------------------------------------------------------------------------ threshold
@@ -116,12 +116,17 @@ def library_versions() -> dict[str, str]:
 def export_category(
     run: Path, config: dict, selected: Selected, out: Path, at_fpr: float | None = None
 ) -> Path:
-    """Write `out/CATEGORY` (weights, then the manifest) for one row of `selected.csv`."""
-    target = out / selected.category
-    if target.exists() and any(target.iterdir()):
-        raise InputError(f"--out: {target} already exists and is not empty; choose another --out")
+    """Write `out/CATEGORY` (weights, then the manifest) for one row of `selected.csv`.
+
+    The folder is filled under a temporary name beside it and renamed to CATEGORY when complete: on any
+    error nothing is left at `out/CATEGORY`."""
+    target = out / plain_name(selected.category, f"{run / SELECTED_FILE} category")
+    if target.is_symlink() or (target.exists() and not (target.is_dir() and not any(target.iterdir()))):
+        raise InputError(
+            f"--out: {target} already exists and is not empty (or is not a folder); choose another --out"
+        )
     source = TrainingRun(run, config, selected.category, selected.model)
-    job = source.dir.load_job()
+    job = source.load_job()
     split = "val" if selected.protocol == "val" else "test"
     maps = read_map_set(source.maps(selected.epoch, split))
     fused = fuse(maps.m_disc, maps.m_recon, selected.lam, selected.kernel)
@@ -133,7 +138,6 @@ def export_category(
     buffer = io.BytesIO()
     torch.save(state, buffer)
     weights = buffer.getvalue()
-    atomic_write(target / WEIGHTS_FILE, lambda handle: handle.write(weights))
     manifest = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -171,21 +175,21 @@ def export_category(
         "versions": library_versions(),
         "exported_at": now(),
     }
-    atomic_write_json(target / MANIFEST_FILE, manifest)
+    try:
+        with atomic_folder(target) as folder:
+            atomic_write(folder / WEIGHTS_FILE, lambda handle: handle.write(weights))
+            atomic_write_json(folder / MANIFEST_FILE, manifest)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise InputError(
+                f"--out: {target} appeared while exporting and is not empty; choose another --out"
+            ) from None
+        raise
     return target
 
 
 def _json_number(value: object) -> object:
     return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def check_weights(model, state: dict, where: str) -> None:
-    """Load `state` into `model` strictly; a state dict of another architecture is an error naming `where`."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError) as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise InputError(f"{where} does not fit the model its profile describes: {detail[:300]}") from None
 
 
 def export_run(
@@ -213,58 +217,3 @@ def export_run(
     if not rows:
         raise InputError(f"{run / SELECTED_FILE} selects no category: nothing to export")
     return [export_category(run, config, row, out, at_fpr) for row in rows]
-
-
-# ------------------------------------------------------------------------------------------ reading
-@dataclass(frozen=True)
-class Export:
-    """A checked export folder: its manifest and the bytes of its weights (their SHA-256 matches)."""
-
-    folder: Path
-    manifest: dict
-    weights: bytes
-
-    @property
-    def profile(self) -> Profile:
-        """The training profile of the exported model (its network and its number of β values)."""
-        return Profile.from_dict(self.manifest["model"]["profile"])
-
-
-def read_export(folder: Path) -> Export:
-    """Read and check an export folder; anything that does not match is an InputError naming the file."""
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise InputError(f"EXPORT {folder}: {path} is missing (expected a folder written by tfsearch export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise InputError(f'{path} is not a tfsearch export manifest (no "format": "{EXPORT_FORMAT}")')
-    if manifest.get("format_version") != EXPORT_VERSION:
-        written_by = manifest.get("versions", {}).get("tfsearch", "an unknown version")
-        raise InputError(
-            f"{path} has export format version {manifest.get('format_version')!r} (tfsearch {written_by}); "
-            f"this tfsearch reads version {EXPORT_VERSION}: export the run again with this version"
-        )
-    missing = [
-        f"{section}.{key}"
-        for section, keys in MANIFEST_KEYS.items()
-        for key in keys
-        if not isinstance(manifest.get(section), dict) or key not in manifest[section]
-    ]
-    if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)}: it is not a complete export manifest")
-    weights_entry = manifest["weights"]
-    weights_path = folder / weights_entry["file"]
-    if not weights_path.is_file():
-        raise InputError(f"{weights_path} is missing (named in {path})")
-    weights = weights_path.read_bytes()
-    digest = hashlib.sha256(weights).hexdigest()
-    if digest != weights_entry.get("sha256"):
-        raise InputError(
-            f"{weights_path} does not match {path}: its SHA-256 is {digest}, the manifest says "
-            f"{weights_entry.get('sha256')} (a corrupted or replaced file)"
-        )
-    return Export(folder, manifest, weights)

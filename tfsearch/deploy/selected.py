@@ -17,7 +17,25 @@ from tfsearch.errors import InputError
 from tfsearch.maps.metrics import METRIC_NAMES
 from tfsearch.store.location import Location
 from tfsearch.store.run_folder import CONFIG_FILE, SELECTED_FILE
-from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, MODEL_STATE_KEY, TrainDir
+from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, MODEL_STATE_KEY, TrainDir, TrainJob
+
+# characters that make a name a path (or cut it short in the operating system's calls)
+_PATH_CHARACTERS = ("/", "\\", "\0")
+
+
+def plain_name(value: object, where: str) -> str:
+    """`value` when it is a plain file or folder name: a non-empty string without a path separator, not "."
+    or "..", so that joined to a folder it stays in that folder; else an InputError naming `where` (the file
+    and key it was read from)."""
+    if (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or any(character in value for character in _PATH_CHARACTERS)
+    ):
+        raise InputError(
+            f"{where} is {value!r}: expected a plain name (no path separator, not empty, '.' or '..')"
+        )
+    return value
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -46,6 +64,8 @@ def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
         raise InputError(f"{run} holds no finished run: {path} is missing (has `tfsearch run` finished?)")
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
+    if rows and "category" not in rows[0]:
+        raise InputError(f"{path} has no category column: expected the columns of tfsearch's selected.csv")
     failed = {row["category"]: row.get("error", "") for row in rows if row.get("status") == "failed"}
     rows = [row for row in rows if row["category"] not in failed]
     if any(row.get("seeds") for row in rows):
@@ -75,6 +95,9 @@ def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
         raise InputError(
             f"{path}: malformed row ({exc}); expected the columns of tfsearch's selected.csv"
         ) from None
+    for row in selected:
+        plain_name(row.category, f"{path} category")
+        plain_name(row.model, f"{path} selected_model of {row.category}")
     return selected, failed
 
 
@@ -135,13 +158,38 @@ class TrainingRun:
                 raise InputError(
                     f"no weights of the selected epoch {epoch} in {where}: {path.name} is missing"
                 )
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            named = self.name(folder / path.name)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises several types for a truncated or damaged file
+                detail = " ".join(str(exc).split())[:300]
+                raise InputError(
+                    f"cannot read {named}, the weights of the selected epoch {epoch}: it may be damaged or "
+                    f"truncated ({type(exc).__name__}: {detail})"
+                ) from None
         finally:
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
         if not isinstance(state, dict) or not isinstance(state.get(MODEL_STATE_KEY), dict):
-            raise InputError(f"{path} is not a tfsearch checkpoint: no {MODEL_STATE_KEY!r} state dict")
+            raise InputError(f"{named} is not a tfsearch checkpoint: no {MODEL_STATE_KEY!r} state dict")
         return state[MODEL_STATE_KEY], self.relative(folder / path.name)
+
+    def name(self, path: Path) -> str:
+        """How a message names a file of the training run: its URI in an object store, else its path."""
+        if self.remote is None:
+            return str(path)
+        return self.remote.child(*Path(self.relative(path)).parts).uri
+
+    def load_job(self) -> TrainJob:
+        """The training run's job (`job.json`); a damaged one is an InputError naming it."""
+        try:
+            return self.dir.load_job()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(
+                f"cannot read {self.name(self.dir.job_file)}: it may be damaged ({type(exc).__name__}: {exc})"
+            ) from None
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.dir.root).as_posix()

@@ -144,8 +144,19 @@ class FakeAutoscalingCluster:
         }
 
     def processes(self) -> list[int]:
-        """PIDs of every process of this cluster."""
-        return list(self.command_lines())
+        """PIDs of every process of this cluster: those whose command line names its folder, and their
+        descendants (a raylet's agents name no folder, and outlive a raylet that is killed)."""
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        found = set(self.command_lines())
+        grown = True
+        while grown:
+            children = {pid for pid, parent in parents.items() if parent in found} - found - {os.getpid()}
+            found |= children
+            grown = bool(children)
+        return sorted(found)
 
     def command_lines(self) -> dict[int, list[str]]:
         """By PID, the arguments of each process of this cluster (its command line names the folder)."""
@@ -158,13 +169,15 @@ class FakeAutoscalingCluster:
         return found
 
     def stop(self, timeout: float = 5) -> None:
-        """SIGTERM to this cluster's processes, then SIGKILL to whatever is left after `timeout` s."""
+        """SIGTERM to this cluster's processes, then SIGKILL to whatever is left after `timeout` s. The
+        processes are listed once, first: a killed raylet's agents no longer descend from it."""
+        pids = self.processes()
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            for pid in self.processes():
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + wait
-            while self.processes() and time.monotonic() < deadline:
+            while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
                 time.sleep(0.2)
 
     def __enter__(self) -> FakeAutoscalingCluster:

@@ -17,7 +17,7 @@ Maps are raw: no mean filter, no blend. The ground truth is the reference the ma
 mask paths in meta.json say where it came from. A cache of 200 maps of 256×256 takes 105 MB.
 
 Version 1 stored the maps as float16 (half the size). On maps of real training runs that moved some metrics by
-more than 0.01 points against float32 (bench/README.md, "Map cache precision": normal pixels of M_disc lie
+more than 0.01 points against float32 (bench/results/cache-precision.md: normal pixels of M_disc lie
 below float16's normal range, and near 1 its step is 5e-4), so version 2 keeps float32. Version-1 caches are
 still read (as float16, which the metrics widen to float32) and rewritten as version 2 when a milestone's
 maps are written again.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def write_map_set(directory: Path, maps: MapSet) -> None:
             f"refusing to replace {directory}: it exists and is not a map cache (no {META_FILE})"
         )
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    staging = directory.parent / f".{directory.name}.{secrets.token_hex(6)}.tmp"
+    staging.mkdir()  # not mkdtemp's 0700: the maps keep the folder mode the umask gives, for a team to read
     try:
         for name, content in files.items():
             with open(staging / name, "wb") as handle:
@@ -118,19 +120,27 @@ def read_map_set(directory: Path) -> MapSet:
 
 
 def map_set_exists(directory: Path) -> bool:
-    """Whether `directory` holds a complete map set of a readable version (files present; contents not
-    checked)."""
+    """Whether `directory` holds a complete map set of a readable version (files present; array contents
+    not checked). A trainer computes the maps of a milestone again where this is False."""
+    return map_set_problem(directory) is None
+
+
+def map_set_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete map set (None when it is): for messages that name a damaged one."""
     directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        return f"{directory} has no {META_FILE} (written last: the map set was never finished)"
     try:
         meta = json.loads((directory / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    files = (*ARRAY_FILES, IMAGE_IDS_FILE)
-    return (
-        isinstance(meta, dict)
-        and meta.get("version") in MAP_DTYPES
-        and all((directory / name).is_file() for name in files)
-    )
+    except (OSError, ValueError) as exc:
+        return f"{directory / META_FILE} cannot be read ({exc}): damaged"
+    if not isinstance(meta, dict) or meta.get("version") not in MAP_DTYPES:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        return f"{directory / META_FILE}: map cache version {version!r} is not one this tfsearch reads"
+    missing = [name for name in (*ARRAY_FILES, IMAGE_IDS_FILE) if not (directory / name).is_file()]
+    if missing:
+        return f"{directory}: {', '.join(missing)} missing beside {META_FILE}: damaged"
+    return None
 
 
 def _encode(maps: MapSet) -> dict[str, np.ndarray | bytes]:

@@ -1,8 +1,10 @@
 """`tfsearch run`, the table of contents of a run: train once per category (K times with `--seeds K`) with
 Ray Tune, then select (epoch, λ, n) with Optuna on the cached maps, then the tables and the report.
 
-    start_run        tfsearch.run.plan: the run folder and its plan (config.json), or the checks of --resume
+    run_lock         tfsearch.store.lock: one driver per run folder
+    check_start      tfsearch.run.start: the checks of a new run, or of --resume (nothing written yet)
     connect          tfsearch.infra.cluster: join the cluster, or start Ray here
+    create_run       the run folder and its plan (config.json), once the cluster answered
     run_training     tfsearch.run.training: a Tune trial per (category, training configuration, seed), each
                      writing checkpoints and maps at every milestone (trainable.py, on the workers)
     Selection        tfsearch.run.selection: per category (or dataset) an Optuna study on the cached maps,
@@ -12,6 +14,9 @@ Ray Tune, then select (epoch, λ, n) with Optuna on the cached maps, then the ta
     log_selection    importance.csv, and each study in W&B
     write_report     tfsearch.report: the paper's tables and figures
     publish          everything copied to --storage when it is elsewhere
+
+SIGINT (Ctrl-C) and SIGTERM stop a run within seconds at any stage (`tfsearch.infra.interrupts`): training
+ends as Ray Tune ends it, nothing is selected or tabulated from unfinished training, and `--resume` continues.
 
 `--storage STORAGE` moves the training runs and Tune's state to STORAGE/NAME, which every node of a cluster
 must reach: a shared folder, used in place, or an object-store URI (s3://, gs://; `tfsearch.store.location`).
@@ -26,13 +31,16 @@ from collections.abc import Callable
 
 from tfsearch.errors import InputError
 from tfsearch.infra.cluster import connect
+from tfsearch.infra.interrupts import INTERRUPTIONS, during
 from tfsearch.report import write_report
-from tfsearch.run.plan import RunPlan, TrialSettings, start_run
+from tfsearch.run.plan import RunPlan, TrialSettings
 from tfsearch.run.results import failed_message, publish, write_selected, write_trials
 from tfsearch.run.selection.log import log_selection
 from tfsearch.run.selection.stage import Selection
+from tfsearch.run.start import check_start, create_run
 from tfsearch.run.training.stage import run_training
 from tfsearch.run.training.trainable import train_category
+from tfsearch.store.lock import run_lock
 
 
 def execute(
@@ -44,25 +52,35 @@ def execute(
 ) -> list[dict]:
     """The whole run: training, selection, tables, report, publishing. Returns the rows of `selected.csv`;
     raises InputError naming every category whose training failed for good (after the tables and the
-    report, which show them as failed)."""
-    start_run(plan, resume)
-    connect(address, plan.quiet)
-    started = time.perf_counter()
-    selection = Selection(plan)  # a category's study starts as soon as its training ends
-    failed = run_training(plan, trainable, on_trained=selection.trained)
-    trained = time.perf_counter()
-    selection.finish(failed)
-    write_trials(plan)
-    selected = write_selected(plan, failed)
-    log_selection(plan)  # importance.csv, and each study in W&B
-    write_report(
-        [plan.run_dir],
-        wandb=plan.wandb,
-        project=plan.wandb_project,
-        entity=plan.wandb_entity,
-        quiet=plan.quiet,
-    )
-    publish(plan)
+    report, which show them as failed), and `Interrupted` on SIGINT or SIGTERM (after which nothing is
+    selected or tabulated from what training had not finished)."""
+    with INTERRUPTIONS.installed(), run_lock(plan.run_dir, f"tfsearch run --name {plan.name}"):
+        check_start(plan, resume)
+        with during("connecting to Ray"):
+            connect(address, plan.quiet)
+        INTERRUPTIONS.install()  # ray.init replaced the SIGTERM handler
+        if not resume:
+            create_run(plan)
+        started = time.perf_counter()
+        with during("training"):
+            selection = Selection(plan)  # a category's study starts as soon as its training ends
+            failed = run_training(plan, trainable, on_trained=selection.trained)
+        trained = time.perf_counter()
+        with during("selection"):
+            selection.finish(failed)
+        with during("tables and report"):
+            write_trials(plan)
+            selected = write_selected(plan, failed)
+            log_selection(plan)  # importance.csv, and each study in W&B
+            write_report(
+                [plan.run_dir],
+                wandb=plan.wandb,
+                project=plan.wandb_project,
+                entity=plan.wandb_entity,
+                quiet=plan.quiet,
+            )
+        with during("publishing"):
+            publish(plan)
     if not plan.quiet:
         print(
             f"[done] training {trained - started:.1f} s, then selection and tables"

@@ -1,31 +1,26 @@
 """The plan of a run: everything `tfsearch run` does, resolved on the driver before any trial starts.
 
 Trials run in their own working folders, often on other nodes, so every path a user typed is made absolute
-here, once, and checked; an error names the flag and the path as typed. `start_run` decides whether the run
-starts or continues: it continues only with `--resume`, and only the same plan.
+here, once, and checked; an error names the flag and the path as typed. Whether the run starts or continues
+is `tfsearch.run.start`'s to decide: it continues only with `--resume`, and only the same plan.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tfsearch import __version__
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
 from tfsearch.run.space import Space, load_space
-from tfsearch.store.atomic import atomic_write_json
 from tfsearch.store.location import Location, run_location
-from tfsearch.store.run_folder import CONFIG_FILE
+from tfsearch.store.run_folder import CONFIG_FILE, read_config
 from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import GPU_PROFILES, QUICK_PROFILE, Profile
 
 PROTOCOLS = ("test", "val")
-# config.json: the tfsearch version that started the run; not part of the plan, so --resume ignores it
-VERSION_KEY = "version"
 # the flags naming input folders; each is resolved on the driver (trials run in other working folders)
 INPUT_FOLDER_FLAGS = {
     "data_root": "--data-root",
@@ -305,59 +300,4 @@ def make_plan(args) -> RunPlan:
 def stored_precision(run_dir: Path) -> str:
     """Without `--precision`: the precision the run in `run_dir` was started with, which `--resume` keeps
     (runs started before `auto` existed trained in fp32 by default), else `auto`."""
-    config = run_dir / CONFIG_FILE
-    return json.loads(config.read_text()).get("precision", "fp32") if config.is_file() else "auto"
-
-
-def start_run(plan: RunPlan, resume: bool) -> None:
-    """Create the run folder, or check that `--resume` continues the same plan.
-
-    Without `--resume` a run never continues anything: an existing run folder, or an existing experiment
-    at its storage (a run of the same name started from another folder or machine), stops it.
-    """
-    config = plan.run_dir / CONFIG_FILE
-    if config.exists():
-        if not resume:
-            raise InputError(
-                f"{plan.run_dir} already exists; pass --resume to continue it or choose another --name"
-            )
-        stored = json.loads(config.read_text())
-        # a profile stored before a field was added reads with that field's value of its base profile
-        stored["profile"] = Profile.from_dict(stored["profile"]).to_dict()
-        current, stored = (json.loads(json.dumps(d)) for d in (plan.describe(), stored))  # tuples as lists
-        changed = sorted(k for k, v in current.items() if stored.get(k) != v)
-        if changed:
-            seeds = (
-                f"; --seeds {plan.seeds} where the run trained {stored.get('seeds', 1)} seed(s)"
-                if "seeds" in changed
-                else ""
-            )
-            raise InputError(f"--resume: this command differs from {config} in {changed}{seeds}")
-        # before one experiment held every category, a training search had one per category (train-CATEGORY):
-        # resuming would start the search again beside them, in the same studies
-        per_category = [name for name in plan.location.folders("tune") if name.startswith("train-")]
-        if per_category:
-            raise InputError(
-                f"--resume: {plan.location.child('tune', per_category[0]).uri} is a training experiment of an"
-                " earlier tfsearch (one per category), which this version cannot continue: start the run"
-                " again under another --name"
-            )
-        return
-    if resume:
-        raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
-    existing = [folder for folder in ("tune", "train") if plan.location.folders(folder)]
-    if existing:
-        raise InputError(
-            f"--storage: {plan.location.child(existing[0]).uri} already holds a run named {plan.name!r};"
-            " resume it from its run folder with --resume, or choose another --name"
-        )
-    atomic_write_json(config, {**plan.describe(), VERSION_KEY: __version__})
-    if plan.storage_is_elsewhere:  # `tfsearch report STORAGE/NAME` can follow the run from the start
-        plan.location.upload(config, CONFIG_FILE)
-
-
-def started_by(run_dir: Path) -> str:
-    """The tfsearch version that started the run in `run_dir` (runs of 0.1 recorded none)."""
-    config = run_dir / CONFIG_FILE
-    version = json.loads(config.read_text()).get(VERSION_KEY) if config.is_file() else None
-    return f"tfsearch {version}" if version else "tfsearch 0.1 (which recorded no version)"
+    return read_config(run_dir).get("precision", "fp32") if (run_dir / CONFIG_FILE).is_file() else "auto"

@@ -27,6 +27,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tfsearch.errors import InputError
 from tfsearch.maps.metrics import METRIC_NAMES
 from tfsearch.store.atomic import atomic_write_text
 
@@ -34,7 +35,6 @@ CONFIG_FILE = "config.json"
 TRIALS_FILE = "trials.csv"
 SELECTED_FILE = "selected.csv"
 IMPORTANCE_FILE = "importance.csv"
-IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
 # each training run's log of finished milestones (one row per milestone; see the trainable)
 MILESTONE_LOG = "milestones.json"
 RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE, IMPORTANCE_FILE)
@@ -112,8 +112,31 @@ def now() -> str:
 
 
 def read_milestone_log(train_dir: Path) -> list[dict]:
+    """A training run's finished milestones, oldest first (none before its first)."""
     path = Path(train_dir) / MILESTONE_LOG
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    log = read_state(path, "a training run's milestone log")
+    if not isinstance(log, list) or not all(isinstance(row, dict) and "epoch" in row for row in log):
+        raise InputError(f"{path}: damaged: expected a list of milestone records")
+    return log
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run plan a run folder was started with (its config.json)."""
+    path = Path(run_dir) / CONFIG_FILE
+    config = read_state(path, "the run's plan")
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: damaged: expected the run's plan as a JSON object")
+    return config
+
+
+def read_state(path: Path, what: str) -> object:
+    """A JSON state file of a run, or InputError naming it: a run never continues from a guess."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc}); the file may be damaged") from None
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:

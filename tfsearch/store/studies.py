@@ -8,7 +8,7 @@ opens either (`dashboard_command`).
 Enumerated studies add thousands of finished trials at once. Optuna's `Study.add_trials` writes them one by
 one, and with `RDBStorage` each costs a transaction and about twenty ORM statements (0.07–0.19 s a trial on
 the shared 2-core machine, longer than scoring the candidate); `add_finished_trials` writes them in one
-transaction instead (1 ms a trial, `bench/README.md`).
+transaction instead (1 ms a trial, `bench/results/study-storage.md`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from optuna.distributions import (
     json_to_distribution,
 )
 from optuna.storages.journal import JournalFileBackend
+
+from tfsearch.errors import InputError
 
 STUDIES_DB = "studies.db"
 STUDIES_JOURNAL = "studies.journal"
@@ -71,9 +73,20 @@ def open_studies(path: Path | str):
     """An Optuna storage object for a studies file (Ray's OptunaSearch takes objects, not URLs)."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith(".journal"):
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}})
+    try:
+        if path.name.endswith(".journal"):
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        else:
+            storage = optuna.storages.RDBStorage(
+                f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 120}}
+            )
+        storage.get_all_studies()  # reads the whole file now: a damaged one fails here, named
+    except Exception as exc:  # sqlalchemy's and the journal's own errors, which differ by form and version
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{path}: cannot be read as the run's Optuna studies ({reason}); the file may be damaged"
+        ) from None
+    return storage
 
 
 def add_finished_trials(storage, study, trials: Sequence) -> range:

@@ -11,13 +11,12 @@ job.json and compared on resume) and the run folder (`TrainDir`):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import map_set_exists
-from tfsearch.store.run_folder import maps_folder
+from tfsearch.store.run_folder import maps_folder, read_state
 from tfsearch.transfusion.profiles import Profile
 
 CHECKPOINT_FILE = "trainer.pt"  # the whole training state, kept at the latest milestone only
@@ -126,4 +125,8 @@ class TrainDir:
     def load_job(self) -> TrainJob:
         if not self.job_file.is_file():
             raise InputError(f"{self.root} is not a training run: {self.job_file} is missing")
-        return TrainJob.from_dict(json.loads(self.job_file.read_text()))
+        payload = read_state(self.job_file, "the training run's job")
+        try:
+            return TrainJob.from_dict(payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{self.job_file}: damaged: not a training job ({exc!r})") from None

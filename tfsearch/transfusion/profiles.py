@@ -3,9 +3,9 @@
 `paper` is method.md's configuration (256 px, 64 base channels, 1500 epochs). `small` is the quick profile,
 what a run on a machine without a GPU trains: the same network at 128 px with 16 base channels, trained for
 about 9 minutes per category on two CPU cores with AVX512-BF16 (in bf16) and about 40 on two with AVX2 only
-(fp32), which finds many of the realistic demo's subtle defects (bench/README.md, "The quick profile").
-`cpu` is the same code at toy size, 120 optimiser steps, so the whole pipeline runs in a minute and in the
-test suite; it learns the demo's obvious defects only.
+(fp32), which finds many of the realistic demo's subtle defects (bench/results/realistic-demo.md, "The quick
+profile `small`"). `cpu` is the same code at toy size, 120 optimiser steps, so the whole pipeline runs in a
+minute and in the test suite; it learns the demo's obvious defects only.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper"),
     "cpu": _CPU,
     # the quick profile: the cpu network at the realistic demo's own 128 px, 300 optimiser steps (about 9
-    # minutes per category on 2 CPU cores with AVX512-BF16, 40 with AVX2 only: bench/README.md)
+    # minutes per category on 2 CPU cores with AVX512-BF16, 40 with AVX2 only:
+    # bench/results/realistic-demo.md)
     "small": _CPU.replace(
         name="small",
         image_size=128,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,17 @@ class Milestone:
     maps: list[Path]
     loss: float
     images_per_second: float
+
+
+@contextmanager
+def named_if_damaged(path: Path) -> Iterator[None]:
+    """A training state that cannot be loaded is InputError naming its file, not torch's traceback (whose
+    advice, `weights_only=False`, would run whatever the file holds)."""
+    try:
+        yield
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot be loaded ({reason}); the file may be damaged") from None
 
 
 class Trainer:
@@ -118,12 +131,14 @@ class Trainer:
     def load_checkpoint(self, epoch: int) -> None:
         """Continue from the whole training state saved at milestone `epoch`."""
         path = self.dir.checkpoint(epoch) / CHECKPOINT_FILE
-        self.load_state(torch.load(path, map_location=self.device, weights_only=True))
+        with named_if_damaged(path):
+            self.load_state(torch.load(path, map_location=self.device, weights_only=True))
 
     def load_weights(self, epoch: int) -> None:
         """The network as it was at milestone `epoch` (to compute its maps); the rest of the state is kept."""
-        state = torch.load(self.dir.weights(epoch), map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        path = self.dir.weights(epoch)
+        with named_if_damaged(path):
+            self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True)["model"])
 
     # --- setup
     def start(self, resume: bool) -> None:

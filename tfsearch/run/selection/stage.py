@@ -17,7 +17,9 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tfsearch.maps.cache import map_set_exists
+from tfsearch.errors import InputError
+from tfsearch.infra.interrupts import INTERRUPTIONS
+from tfsearch.maps.cache import map_set_exists, map_set_problem
 from tfsearch.run.plan import RunPlan, seeded_model, split_seed
 from tfsearch.run.selection.candidates import Candidate, CategoryMaps, SeedMeans
 from tfsearch.run.selection.study import StudySpec, run_study
@@ -36,6 +38,7 @@ def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
     folder = plan.training_root / category
     for model_dir in sorted(p for p in folder.glob("*") if p.is_dir()):
         model, seed = split_seed(model_dir.name) if plan.seeds > 1 else (model_dir.name, None)
+        check_logged_maps(TrainDir(model_dir), plan.selection_split)
         epochs = {e for e in TrainDir(model_dir).map_epochs(plan.selection_split) if e in plan.milestones}
         if seed in plan.training_seeds and epochs:
             reached.setdefault(model, {})[seed] = epochs
@@ -45,6 +48,19 @@ def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
         if epochs:
             models[model] = sorted(epochs)
     return models
+
+
+def check_logged_maps(train_dir: TrainDir, split: str) -> None:
+    """Every milestone the training run logged has its maps: one without (damaged or deleted since) is
+    named, never silently left out of the selection."""
+    for record in read_milestone_log(train_dir.root):
+        problem = map_set_problem(train_dir.maps(record["epoch"], split))
+        if problem is not None:
+            raise InputError(
+                f"milestone {record['epoch']} of {train_dir.root}: {problem}. Recompute its maps from the"
+                f" milestone's weights with `tfsearch evaluate {train_dir.root} --epoch {record['epoch']}`,"
+                " then run again with --resume"
+            )
 
 
 def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
@@ -106,9 +122,23 @@ class Selection:
         for group in self.plan.groups:
             if tuple(group) not in self.started and not any(c in failed for c in group):
                 self.start(group)
-        for group, message in zip(self.started, ray.get(list(self.started.values())), strict=True):
+        pending = list(self.started.values())
+        # a signal is noted, not raised inside Ray's wait (whose C++ loop turns it into a SystemError)
+        with INTERRUPTIONS.gracefully():
+            while pending:
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+                if INTERRUPTIONS.signum is not None:
+                    self.cancel()
+                    INTERRUPTIONS.check("selection")
+        messages = ray.get(list(self.started.values()))
+        for group, message in zip(self.started, messages, strict=True):
             if message and not self.plan.quiet:
                 print(f"[select] {', '.join(group)}: {message}", file=sys.stderr)
+
+    def cancel(self) -> None:
+        """Stop every study still running; a sampled study cut short is redone on --resume (`run_study`)."""
+        for task in self.started.values():
+            ray.cancel(task, force=True)
 
 
 def group_study_name(plan: RunPlan, group: list[str]) -> str:

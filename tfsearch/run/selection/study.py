@@ -10,7 +10,6 @@ and, where a tie-break metric is set (`--select-on val`), the candidate that met
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import optuna
@@ -23,17 +22,21 @@ from tfsearch.store.studies import add_finished_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+# a finished study records its choice, and the milestones its candidates were drawn from
+CHOICE_ATTR = "choice"
+CHECKPOINTS_ATTR = "checkpoints"
+# candidates added to a study per storage write: a killed run recomputes at most this many
+BULK = 1000
+
 
 def make_sampler(
-    space: Space, checkpoints: list[tuple[str, int]], default: Candidate, resumed_at: int = 0
+    space: Space, checkpoints: list[tuple[str, int]], default: Candidate
 ) -> optuna.samplers.BaseSampler:
-    """The study's sampler. A study continued after `resumed_at` trials draws from a seed moved on by that
-    many, so that it never replays the candidates of its first attempt."""
-    seed = space.seed + resumed_at
+    """The study's sampler, seeded by the space: a study drawn again draws the same candidates."""
     if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=space.seed)
     if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=space.seed)
     grid = {name: list(d.choices) for name, d in grid_distributions(space, checkpoints, default).items()}
     return optuna.samplers.GridSampler(grid, seed=space.seed)
 
@@ -103,32 +106,6 @@ def default_in_space(space: Space, default: Candidate) -> dict | None:
     return params
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, sampler, retry_failed: bool) -> optuna.Study:
-    """Create or continue a study, queueing again every sampled candidate an earlier attempt did not finish.
-
-    A study runs in one task at a time, so a trial RUNNING when it opens was cut off (a killed driver or
-    node): it is marked FAIL. With `retry_failed` (sampled studies) each failed trial not retried yet goes
-    to Optuna's retry callback, which queues its parameters again, so every candidate is evaluated once.
-    Enumerated studies need no queue: they add whichever candidates the study lacks.
-    """
-    study = optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True
-    )
-    trials = study.get_trials(deepcopy=False)
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
-    for trial in trials:
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        elif trial.state != optuna.trial.TrialState.FAIL:
-            continue
-        if retry_failed and trial.number not in retried:
-            retry(study, storage.get_trial(trial._trial_id))
-    return study
-
-
 @dataclass
 class StudySpec:
     """What one study searches: its candidate sets (one per category it averages over) and its budget."""
@@ -159,24 +136,38 @@ class StudySpec:
                 maps.prepare_maxima(checkpoints)
 
 
-CHOICE_ATTR = "choice"
-
-
-# candidates added to a study per storage write: a killed run recomputes at most this many
-BULK = 1000
+def discard_unfinished(storage: optuna.storages.BaseStorage, spec: StudySpec) -> None:
+    """Delete a sampled study that did not finish on `spec`'s milestones: one cut short (an interrupted
+    selection) or drawn from milestones that have changed since. It is then drawn again from the start with
+    the space's seed, so a resumed run selects exactly what an uninterrupted one does; a sampled study costs
+    seconds on cached maps. Enumerated studies are kept: they add whichever candidates they lack."""
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        return
+    attrs = study.user_attrs
+    if CHOICE_ATTR not in attrs or attrs.get(CHECKPOINTS_ATTR) != checkpoint_names(spec.checkpoints):
+        optuna.delete_study(study_name=spec.name, storage=storage)
 
 
 def run_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> optuna.Study:
     """Evaluate the study's remaining candidates, then record its choice. The objective is the selection
     metric, averaged over the categories of the study (one for per-class studies)."""
-    study = open_study(storage, spec.name, None, retry_failed=not spec.space.enumerated)
-    resumed_at = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(spec.space, spec.checkpoints, spec.default, resumed_at=resumed_at)
+    if not spec.space.enumerated:
+        discard_unfinished(storage, spec)
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=make_sampler(spec.space, spec.checkpoints, spec.default),
+        direction="maximize",
+        load_if_exists=True,
+    )
     if spec.space.enumerated:
         finished = add_grid_trials(storage, study, spec)
     else:
         optimize(study, spec)
         finished = _finished(study)
+    study.set_user_attr(CHECKPOINTS_ATTR, checkpoint_names(spec.checkpoints))
     study.set_user_attr(CHOICE_ATTR, choose(finished, spec))
     return study
 

@@ -12,6 +12,8 @@ and a category whose trial fails for good is returned as failed, never passed on
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 
 from ray import tune
@@ -21,8 +23,10 @@ from ray.tune.search.optuna import OptunaSearch
 from tfsearch import __version__
 from tfsearch.data.datasets import largest_first
 from tfsearch.errors import InputError
-from tfsearch.run.plan import RunPlan, TrialSettings, model_id, seeded_model, started_by
+from tfsearch.infra.interrupts import INTERRUPTIONS
+from tfsearch.run.plan import RunPlan, TrialSettings, model_id, seeded_model
 from tfsearch.run.space import TRAINABLE, Choices, FloatRange, Grid
+from tfsearch.run.start import started_by
 from tfsearch.run.training.callbacks import CategoryTrained, ProgressView, RetryBudget, tune_callbacks
 from tfsearch.run.training.category_search import CategoryScheduler, CategorySearch
 from tfsearch.run.training.trainable import train_category
@@ -108,14 +112,30 @@ def run_training(
         tuner = tune.Tuner(
             runnable, param_space=experiment["param_space"], tune_config=tune_config, run_config=run_config
         )
+    with INTERRUPTIONS.gracefully(stop_tune):
+        results = tuner.fit()
+    INTERRUPTIONS.check("training")
+    if results.num_terminated + results.num_errors < len(results):
+        raise InputError(
+            f"training stopped with {len(results) - results.num_terminated - results.num_errors} of"
+            f" {len(results)} trials unfinished: nothing was selected; continue the run with --resume"
+        )
     failed: dict[str, str] = {}
-    for result in tuner.fit():
+    for result in results:
         if result.error is not None:
             category = result.config["category"]
             failed.setdefault(category, first_line(result.error))
             if not plan.quiet:
                 print(f"[train] {category}: training failed for good: {failed[category]}", flush=True)
     return failed
+
+
+def stop_tune() -> None:
+    """End Tune's run as Tune ends it on a signal of its own (SIGUSR1, which `Tuner.fit` handles: the
+    experiment state saved, the trials stopped); before `fit` installed that handler, stop at once."""
+    if not callable(signal.getsignal(signal.SIGUSR1)):
+        INTERRUPTIONS.check("training")
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def first_line(error: BaseException) -> str:
