@@ -68,7 +68,8 @@ def test_tune_internals_that_resume_relies_on():
 # ------------------------------------------------------------------- run folders of tfsearch 0.1.0
 def test_a_finished_run_of_the_previous_layout_reports_and_exports(tmp_path, capsys):
     """tests/fixtures/run-0.1.0 was written by tfsearch 0.1.0 (the flat layout): a one-category tiny run,
-    its report folder left out. Its tables and export come out as 0.1.0 made them."""
+    its report folder left out. Its tables and export come out as 0.1.0 made them (published_comparison.csv
+    has had a `run` column since: the report compares several runs of a dataset)."""
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run-0.1.0", run)
     expected = FIXTURES / "run-0.1.0-expected"

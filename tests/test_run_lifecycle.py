@@ -23,7 +23,8 @@ from tfsearch.run.selection.candidates import Candidate
 from tfsearch.run.selection.study import StudySpec, run_study
 from tfsearch.run.space import parse_space
 from tfsearch.run.training.trainable import train_category
-from tfsearch.store.studies import STUDIES_DB, STUDIES_JOURNAL, filesystem_type, open_studies, studies_file
+from tfsearch.store.run_folder import STUDIES_DB, STUDIES_JOURNAL
+from tfsearch.store.studies import filesystem_type, open_studies, studies_file
 
 
 def plan_from(*argv: str):

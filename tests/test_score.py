@@ -191,6 +191,21 @@ def test_bad_flags_are_input_errors(
     assert message in err
 
 
+def test_errors_about_the_dataset_name_its_flag_dataset_root(layout, tmp_path, capsys) -> None:
+    """`tfsearch score` takes --dataset-root (other commands --data-root): its errors name its own flag."""
+    dataset_root, maps_root, _ = layout
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (tmp_path / "nowhere", [], "does not exist"),
+        (tmp_path / "empty", [], "no mvtec categories in --dataset-root"),
+        (dataset_root, ["--category", "zipper"], f"in --dataset-root {dataset_root}"),
+    ]
+    for root, extra, message in cases:
+        code, _, err = score(capsys, "--dataset-root", str(root), "--maps", str(maps_root), *extra)
+        assert code == 2 and message in err and "--dataset-root" in err, err
+        assert "--data-root" not in err
+
+
 def test_missing_maps_folder_is_an_input_error(layout, capsys: pytest.CaptureFixture[str]) -> None:
     dataset_root, maps_root, _ = layout
     code, _, err = score(capsys, "--dataset-root", str(dataset_root), "--maps", str(maps_root / "none"))

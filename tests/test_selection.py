@@ -348,7 +348,7 @@ def test_importance_rows_and_wandb_table_of_a_study(tmp_path, monkeypatch):
     (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     summary = inspect_offline_run(folder)
     assert summary["config"]["study"] == "t/c"
-    assert summary["summary"]["candidates"] == 12 and summary["summary"]["tied_at_best"] >= 1
+    assert summary["summary"]["candidates_count"] == 12 and summary["summary"]["tied_at_best"] >= 1
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -3,6 +3,7 @@ logging through Ray Tune's W&B integration."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -167,6 +168,35 @@ def test_tune_callbacks_follow_the_mode(tmp_path, monkeypatch):
     assert callback.kwargs["resume"] == "allow"
     assert (callback.project, callback.kwargs["entity"], callback.group) == ("proj", "team", "x")
     assert not (tmp_path / "relative-run" / "wandb" / SYNC_NOTE).exists()  # online: nothing to sync by hand
+    # the logging actors stage W&B's files in the run folder, and print no run summaries
+    assert callback.env["WANDB_DATA_DIR"] == str(tmp_path / "relative-run" / "wandb" / "data")
+    assert callback.env["WANDB_QUIET"] == "true" and callback.env["WANDB_MODE"] == "online"
+    assert callback.settings == {}  # no config.json: only each trial's config
+    # with the run's plan in config.json, every trial's run has the run's settings in its config
+    planned = tmp_path / "planned"
+    planned.mkdir()
+    profile = {"name": "cpu", "epochs": 7, "lr": 0.5, "seed": 11, "batch_size": 4, "image_size": 64}
+    plan = {
+        "name": "x",
+        "dataset": "demo",
+        "space": {"name": "per_class"},
+        "profile": profile,
+        "precision": "bf16",
+    }
+    (planned / "config.json").write_text(json.dumps(plan))
+    (callback,) = tune_callbacks(planned, "x", "offline", None, None)
+    assert callback.settings == {
+        "run": "x",
+        "dataset": "demo",
+        "space": "per_class",
+        "profile": "cpu",
+        "epochs": 7,
+        "lr": 0.5,
+        "batch_size": 4,
+        "image_size": 64,
+        "seed": 11,
+        "precision": "bf16",
+    }
 
 
 def test_telemetry_is_a_no_op_without_ray():

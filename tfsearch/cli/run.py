@@ -8,6 +8,7 @@ from tfsearch.cli.common import add_data_arguments, add_synthesis_arguments
 from tfsearch.infra.cluster import check_reachable
 from tfsearch.run.pipeline import execute
 from tfsearch.run.plan import PROTOCOLS, make_plan
+from tfsearch.store.studies import AUTO, STUDIES_FORMS
 from tfsearch.transfusion.profiles import PROFILES
 from tfsearch.transfusion.runtime import PRECISIONS
 
@@ -66,6 +67,14 @@ def register(subparsers) -> None:
         " where the profile asks for it and the device has it",
     )
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
+    parser.add_argument(
+        "--studies",
+        choices=STUDIES_FORMS,
+        default=AUTO,
+        help="the form of the Optuna studies: sqlite (studies.db) or journal (studies.journal: network file"
+        " systems, many writers); auto (the default): journal on a file system known to be shared, else"
+        " sqlite; a resumed run keeps its own",
+    )
     parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")
     parser.add_argument("--quiet", action="store_true", help="no progress output")

@@ -57,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    try:
+        return _score(args)
+    except InputError as exc:
+        # the dataset readers name `--data-root`, the flag of the other commands; here it is --dataset-root
+        raise InputError(str(exc).replace("--data-root", "--dataset-root")) from None
+
+
+def _score(args: argparse.Namespace) -> int:
     if not 0.0 < args.limit <= 1.0:
         raise InputError(f"--limit {args.limit}: expected an FPR limit in (0, 1]")
     if args.size is not None and args.size < 1:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from tfsearch.errors import InputError
+from tfsearch.infra.tracking import WANDB_ENV_VARS
 
 GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
 JOIN_WAIT_S = 5
 TOKEN_ENV, AUTH_MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"  # Ray's token authentication (Ray >= 2.59)
+# Ray Tune warns of any of its steps slower than this many seconds (default 0.5, read when ray.tune is
+# imported). At each trial's first result W&B's callback waits seconds for the trial's logging actor to
+# start, and Tune warned of it for every trial; a step slower than a minute is still reported.
+TUNE_SLOW_ENV, TUNE_SLOW_S = "TUNE_WARN_THRESHOLD_S", "60"
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -35,9 +41,11 @@ def connect(address: str | None, quiet: bool) -> None:
     # Tune warns on every checkpoint of short milestones; the console view reports progress instead
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, no Tune tables on the console
+    quiet_slow_step_warnings()
     if ray.is_initialized():
         return
-    env = {"env_vars": {k: os.environ[k] for k in ("WANDB_MODE",) if k in os.environ}}
+    # the W&B settings of this driver (and Tune's, for a Tune run through Ray Client) reach every worker
+    env = {"env_vars": {k: os.environ[k] for k in (*WANDB_ENV_VARS, TUNE_SLOW_ENV) if k in os.environ}}
     # trial output (one line per trial and milestone) reaches this console and `ray job logs`
     logs = {"runtime_env": env, "log_to_driver": not quiet}
     if address:
@@ -57,6 +65,16 @@ def connect(address: str | None, quiet: bool) -> None:
     url = getattr(context, "dashboard_url", None)
     if url and not quiet:
         print(f"Ray dashboard: http://{url}", flush=True)
+
+
+def quiet_slow_step_warnings() -> None:
+    """Raise Ray Tune's slow-step warning threshold to `TUNE_SLOW_S` unless `TUNE_WARN_THRESHOLD_S` is set:
+    in the environment, for what imports Ray Tune later, and in `warn_if_slow` if this process imported it
+    already (Tune reads the variable once, at import; each warning reads the class's value)."""
+    threshold = os.environ.setdefault(TUNE_SLOW_ENV, TUNE_SLOW_S)
+    util = sys.modules.get("ray.tune.utils.util")
+    if util is not None:
+        util.warn_if_slow.DEFAULT_THRESHOLD = float(threshold)
 
 
 def join_refused(address: str, exc: BaseException) -> str:

@@ -1,15 +1,17 @@
 """`tfsearch report`: the supplement's tables and figures from finished runs, beside the published numbers.
 
-From one or more run folders (`tfsearch run` writes them) it builds, per dataset:
+From one or more run folders (`tfsearch run` writes them) it builds, per dataset, with a row (or rows) for
+every run of the dataset:
 
 1. the paper tables: AUPRO of the single configuration (supplementary Tables 1-2) and image AUROC tuned per
-   class (Tables 3-4; from a `per_class_epochs` run when one is given), in the supplement's shape;
+   class (Tables 3-4; the `per_class_epochs` runs first), in the supplement's shape;
 2. wide tables with every metric, one column per published source and its Δ (extra outputs);
 3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
 4. each run's `importance.csv`, and the last training milestone of every training run; for a run with
    several seeds per category, its default and selected test metrics as mean ± std over the seeds;
 5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
-6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps.
+6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps,
+   a line per run.
 
 Under each run it says where a paper-profile run departs from the paper's protocol
 (`tfsearch.transfusion.protocol`).
@@ -17,7 +19,8 @@ Under each run it says where a paper-profile run departs from the paper's protoc
 It writes, under `--out` (default: FIRST_RUN_DIR/report):
 
     report.md, report.html     everything in one document (the HTML embeds its figures)
-    tables/KEY.csv, KEY.md     each table; paper tables also as KEY.tex (booktabs, fits the text width)
+    tables/KEY.csv, KEY.md     each table; paper tables also as KEY.tex (booktabs at 8 pt, in panels on a
+                               one-column page: `tfsearch.report.latex`)
     tables/published_comparison.csv   every (ours, published, Δ) pair with its source
     figures/NAME.png, NAME.svg, NAME.csv   each figure and its points
     wandb/                     the W&B summary run (offline by default; SYNC.txt says how to upload it)
@@ -37,6 +40,7 @@ from tfsearch.errors import InputError
 from tfsearch.infra.tracking import check_mode
 from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
 from tfsearch.report.kinds import per_kind_tables
+from tfsearch.report.latex import table_latex
 from tfsearch.report.paper_tables import paper_tables
 from tfsearch.report.published import PublishedNumbers
 from tfsearch.report.render import (
@@ -44,7 +48,6 @@ from tfsearch.report.render import (
     html_document,
     markdown_document,
     table_csv,
-    table_latex,
     table_markdown,
 )
 from tfsearch.report.run_tables import (
@@ -54,11 +57,12 @@ from tfsearch.report.run_tables import (
     training_table,
     wide_tables,
 )
-from tfsearch.report.runs import RunResults, load_run
+from tfsearch.report.runs import RunResults, distinct_names, load_run
 from tfsearch.report.tables import COMPARISON_COLUMNS, PROTOCOL_LABELS, REPORT_METRICS, Table
 from tfsearch.report.wandb_summary import log_to_wandb
 from tfsearch.store.atomic import atomic_write, atomic_write_text
 from tfsearch.store.location import local_run_dir
+from tfsearch.store.run_folder import dashboard_of
 
 TITLE = "TransFusion search report"
 
@@ -68,7 +72,7 @@ class Report:
     runs: list[RunResults]
     tables: list[Table]
     comparison: list[dict]
-    curves: dict[str, list[Curve]]  # axis -> one curve per dataset
+    curves: dict[str, list[Curve]]  # axis -> one curve per run with maps
     missing: list[str]
 
 
@@ -76,6 +80,7 @@ def build_report(
     runs: list[RunResults], published: PublishedNumbers | None = None, compare_anyway: bool = False
 ) -> Report:
     published = published or PublishedNumbers()
+    distinct_names(runs)
     comparison: list[dict] = []
     tables = paper_tables(runs, published, comparison, compare_anyway)
     tables += wide_tables(runs, published, comparison, compare_anyway)
@@ -153,6 +158,33 @@ def write_figures(report: Report, folder: Path) -> dict[str, Path]:
     return png
 
 
+def _distinct_folders(run_dirs: list[Path | str]) -> tuple[list[Path], list[str]]:
+    """The local run folders to read, each once; and a line for each given again."""
+    local, seen, again = [], set(), []
+    for typed in run_dirs:
+        folder = local_run_dir(str(typed))  # a run on an object store is fetched first
+        if folder.resolve() in seen:
+            again.append(f"{typed} was given more than once: reported once.")
+            continue
+        seen.add(folder.resolve())
+        local.append(folder)
+    return local, again
+
+
+def _studies_lines(runs: list[RunResults]) -> list[str]:
+    """Per run, the optuna-dashboard command that opens its studies, or why there is none here."""
+    lines = []
+    for run in runs:
+        command = dashboard_of(run.path)
+        lines.append(
+            f"{run.name}: `{command}`"
+            if command
+            else f"{run.name}: no studies.db or studies.journal in {run.path} (selection has not started, or"
+            " the folder is a copy of a run's tables, as of a run read from an object store)"
+        )
+    return lines
+
+
 def write_report(
     run_dirs: list[Path | str],
     out: Path | None = None,
@@ -162,17 +194,20 @@ def write_report(
     quiet: bool = False,
     compare_anyway: bool = False,
 ) -> Path:
-    """Write every table, figure and document of the runs into `out` (default: FIRST_RUN_DIR/report)."""
+    """Write every table, figure and document of the runs into `out` (default: FIRST_RUN_DIR/report);
+    report.md and the console also say how to open each run's studies with optuna-dashboard."""
     if not run_dirs:
         raise InputError("tfsearch report: expected at least one RUN_DIR")
     check_mode(wandb, project)
-    local = [local_run_dir(str(d)) for d in run_dirs]  # a run on an object store is fetched first
+    local, again = _distinct_folders(run_dirs)
     runs = [load_run(d) for d in local]
     out = Path(out) if out is not None else local[0] / "report"
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     say: Callable[[str], None] = (lambda _: None) if quiet else (lambda m: print(m, flush=True))
     report = build_report(runs, compare_anyway=compare_anyway)
+    for note in again:
+        say(f"[report] {note}")
     for note in report.missing:
         say(f"[report] missing: {note}")
     written = write_tables(report, out / "tables")
@@ -191,17 +226,23 @@ def write_report(
     files = ["report.md", "report.html", *sorted(str(p.relative_to(out)) for p in written)]
     files += ["wandb/"] if wandb != "disabled" else []
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    studies = _studies_lines(runs)
+    runs_lines = [f"Generated {generated} by `tfsearch report`.", *(x for r in runs for x in _run_lines(r))]
     before = [
-        ("Runs", [f"Generated {generated} by `tfsearch report`.", *(x for r in runs for x in _run_lines(r))]),
+        ("Runs", [*runs_lines, *again]),
+        *([("Studies (optuna-dashboard)", studies)] if studies else []),
         *([("Missing", report.missing)] if report.missing else []),
     ]
-    after = [("Weights & Biases", [wandb_note]), ("Files", files)]
+    links = [f"[{name}]({name})" for name in files]
+    after = [("Weights & Biases", [wandb_note]), ("Files", links)]
     captions = _captions(report)
     atomic_write_text(out / "report.md", markdown_document(TITLE, before, report.tables, captions, after))
     png = {name: path.read_bytes() for name, path in figure_paths.items()}
     page = html_document(TITLE, before, report.tables, captions, after, png)
     atomic_write_text(out / "report.html", page)
     say(f"[report] {len(report.tables)} tables, {len(figure_paths)} figures: {out / 'report.html'}")
+    for line in studies:
+        say(f"[report] studies of {line.replace('`', '')}")
     say(f"[report] {wandb_note}")
     return out
 

@@ -55,7 +55,7 @@ class Curve:
     dataset: str
     run: str
     axis: str
-    x: list[float]
+    x: list[float] | list[int]  # λ, or n (an integer)
     y: list[float]
     fixed: float  # the other parameter's value
     default: float  # this parameter's default
@@ -97,7 +97,7 @@ def run_curves(run: RunResults) -> dict[str, Curve] | None:
             run.dataset,
             run.name,
             key,
-            [float(x) for x in AXES[key].grid],
+            list(AXES[key].grid),
             [float(v) for v in np.mean(values, axis=0) * 100.0],
             n0 if key == "lam" else lam0,
             lam0 if key == "lam" else n0,
@@ -110,20 +110,26 @@ def run_curves(run: RunResults) -> dict[str, Curve] | None:
 
 
 def sensitivity_curves(runs: list[RunResults]) -> tuple[dict[str, list[Curve]], list[str]]:
-    """{axis: one curve per dataset}, from the first run of each dataset that has final-epoch test maps;
-    and a note per dataset without any."""
+    """{axis: one curve per run with final-epoch test maps}, each labelled by its run; and a note for each
+    run without any (one per dataset where no run has them)."""
     curves: dict[str, list[Curve]] = {key: [] for key in AXES}
     notes = []
+    where = "(train/CATEGORY/MODEL/maps/test/; a run read from an object store brings only its tables)."
     for dataset in dict.fromkeys(run.dataset for run in runs):
-        found = next((c for c in (run_curves(r) for r in runs if r.dataset == dataset) if c), None)
-        if found is None:
+        found = {run.name: run_curves(run) for run in runs if run.dataset == dataset}
+        if not any(found.values()):
             notes.append(
-                f"No sensitivity curve for {dataset}: no run has its final-epoch test maps here "
-                "(train/CATEGORY/MODEL/maps/test/; a run read from an object store brings only its tables)."
+                f"No sensitivity curve for {dataset}: no run has its final-epoch test maps here {where}"
             )
             continue
-        for key, curve in found.items():
-            curves[key].append(curve)
+        for name, run_curve in found.items():
+            if run_curve is None:
+                notes.append(
+                    f"No sensitivity curve for run {name} ({dataset}): no final-epoch test maps {where}"
+                )
+                continue
+            for key, curve in run_curve.items():
+                curves[key].append(curve)
     return curves, notes
 
 
@@ -142,7 +148,7 @@ def caption(axis: Axis, curves: list[Curve]) -> str:
 
 
 def curves_frame(curves: list[Curve]) -> pd.DataFrame:
-    """The points of a figure as a table (one row per dataset and x)."""
+    """The points of a figure as a table (one row per curve and x; n as an integer)."""
     return pd.DataFrame(
         [
             {
@@ -159,7 +165,7 @@ def curves_frame(curves: list[Curve]) -> pd.DataFrame:
 
 
 def sensitivity_figure(curves: list[Curve], axis: Axis) -> Figure:
-    """One line per dataset, each line's maximum marked with a dot, the defaults dotted.
+    """One line per run, each line's maximum marked with a dot, the defaults dotted.
 
     A bare `Figure` on an Agg canvas (no pyplot): no global state and no display, whatever MPLBACKEND says."""
     # matplotlib takes a second to import: only when a figure is drawn

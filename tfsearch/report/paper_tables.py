@@ -1,7 +1,8 @@
 """The supplement's tables from our runs: Tables 1-2 (AUPRO of the single configuration) and 3-4 (image
 AUROC, tuned per class) in the supplement's shape: one metric, the categories as columns in the supplement's
-order, an Average column, our row with the published row beneath it and, where the comparison is like for
-like, Δ."""
+order, an Average column, a row per run of the dataset (`ours (RUN)`) with the published row beneath them
+and, for each run whose comparison is like for like, its Δ. Several runs of one dataset each get their row:
+none is dropped."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from tfsearch.report.tables import (
     Table,
     comparability,
     comparison_rows,
+    dataset_runs,
     default_note,
-    default_run,
     ordered,
     points,
+    runs_phrase,
 )
 
 
@@ -35,99 +37,129 @@ from tfsearch.report.tables import (
 def paper_table(
     key: str,
     title: str,
-    run: RunResults,
+    runs: list[RunResults],
     column: str,
     protocol: str,
     published: PublishedNumbers,
     compare_anyway: bool,
     comparison: list[dict],
     notes: list[str],
+    advice: list[str],
 ) -> Table:
     """One metric (selected.csv's `column`, e.g. default_test_aupro) with the categories as columns in the
-    supplement's order plus Average; our row, the supplement's row beneath it and Δ where like for like."""
+    supplement's order plus Average; a row per run, the supplement's row beneath them and a Δ per run
+    where like for like (`Δ`, or `Δ (RUN)` with several runs)."""
     metric = column.split("_test_", 1)[1]
-    ours = points(run.selected.set_index("category")[column])
-    owner = published.published_dataset(run.dataset, list(ours.index))
-    columns = ordered(list(ours.index), published, owner)
-    ours_label = f"ours ({run.name})"
-    rows = {ours_label: [*ours[columns], float(ours.mean())]}
-    notes = [*notes, f"Average: the mean of our {len(columns)} categories."]
+    ours = {run.name: points(run.selected.set_index("category")[column]) for run in runs}
+    categories = list(dict.fromkeys(c for values in ours.values() for c in values.index))
+    owner = published.published_dataset(runs[0].dataset, categories)
+    columns = ordered(categories, published, owner)
+    labels = {run.name: f"ours ({run.name})" for run in runs}
+    rows = {
+        labels[name]: [*(float(values.get(c, math.nan)) for c in columns), float(values.mean())]
+        for name, values in ours.items()
+    }
+    counts = {name: len(values) for name, values in ours.items()}
+    if set(counts.values()) == {len(columns)}:
+        of = "our" if len(runs) == 1 else "each run's"
+        notes = [*notes, f"Average: the mean of {of} {len(columns)} categories."]
+    else:
+        each = ", ".join(f"{name} {count}" for name, count in counts.items())
+        notes = [*notes, f"Average: the mean of each run's own categories ({each})."]
+    advice = list(advice)
     source = published.supplement_table(owner, protocol, metric) if owner else None
-    best_rows: tuple[str, ...] = ()
+    best_rows: tuple[str, ...] = tuple(labels.values())
+    deltas: dict[str, list[float]] = {}
     if source:
         title += f" (as {source})"
         by_key = published.values(owner, protocol, metric, source)
-        values = [by_key.get(normalise(c), math.nan) for c in columns]
+        theirs = [by_key.get(normalise(c), math.nan) for c in columns]
         average, how = published_mean(published, owner, columns, protocol, metric, source)
-        rows[source] = [*values, math.nan if average is None else average]
-        best_rows = (ours_label, source)
+        rows[source] = [*theirs, math.nan if average is None else average]
+        best_rows += (source,)
         notes.append(
             {
                 "printed": f"{source}: its printed Average.",
                 "incomplete": f"{source}: no Average (it lacks some of our categories).",
             }.get(how, f"{source}: the Average is the {how}, over the same categories as ours.")
         )
-        compare = comparability(run, protocol, compare_anyway)
-        if compare.delta:
-            rows[DELTA] = [a - b for a, b in zip(rows[ours_label], rows[source], strict=True)]
-            labels = [*columns, f"mean ({len(columns)})"]
-            pairs = {"ours": rows[ours_label], "published": rows[source], "delta": rows[DELTA]}
-            comparison += comparison_rows(key, run.dataset, protocol, metric, source, labels, pairs)
-        notes += compare.notes
-    frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*columns, AVERAGE])
+        for run in runs:
+            compare = comparability(run, protocol, compare_anyway)
+            notes += compare.notes
+            advice += [a for a in compare.advice if a not in advice]
+            if not compare.delta:
+                continue
+            own = ordered(list(ours[run.name].index), published, owner)
+            mean, _ = published_mean(published, owner, own, protocol, metric, source)
+            mine = rows[labels[run.name]]
+            delta = [a - b for a, b in zip(mine[:-1], theirs, strict=True)]
+            delta.append(math.nan if mean is None else mine[-1] - mean)
+            deltas[DELTA if len(runs) == 1 else f"{DELTA} ({run.name})"] = delta
+            pairs = {
+                "ours": mine,
+                "published": [*theirs, math.nan if mean is None else mean],
+                "delta": delta,
+            }
+            names = [*columns, f"mean ({len(own)})"]
+            comparison += comparison_rows(key, run, protocol, metric, source, names, pairs)
+        if deltas and len(set(counts.values())) > 1:
+            notes.append("Each Δ of the Average: against the published mean over the run's own categories.")
+    frame = pd.DataFrame.from_dict(rows | deltas, orient="index", columns=[*columns, AVERAGE])
     formats = dict.fromkeys(frame.columns, "{:.1f}")
-    delta = {DELTA: "{:+.1f}"} if DELTA in frame.index else {}
-    return Table(key, title, frame, formats, notes, paper=True, best_rows=best_rows, row_formats=delta)
+    row_formats = dict.fromkeys(deltas, "{:+.1f}")
+    best_rows = best_rows if len(best_rows) > 1 else ()  # a row alone is nothing to compare
+    return Table(
+        key, title, frame, formats, notes, advice, paper=True, best_rows=best_rows, row_formats=row_formats
+    )
 
 
-def tuned_run(runs: list[RunResults], dataset: str) -> tuple[RunResults | None, list[str]]:
-    """The run behind Table 3/4: a per_class_epochs run (what the supplement did) before any other run
-    tuned per class; the note says which the paper's table corresponds to."""
-    per_class = [r for r in runs if r.dataset == dataset and r.scope == "per_class" and r.searched]
-    per_class = [r for r in per_class if len(r.selected)]
+def tuned_runs(runs: list[RunResults], dataset: str) -> tuple[list[RunResults], list[str], list[str]]:
+    """The runs behind Table 3/4: every run of the dataset tuned per class, the `per_class_epochs` ones
+    (what the supplement did) first; the note says which the paper's table corresponds to, the advice what
+    would make it like for like."""
+    per_class = [r for r in dataset_runs(runs, dataset) if r.scope == "per_class" and r.searched]
     if not per_class:
-        return None, []
+        return [], [], []
     epochs_only = [r for r in per_class if r.space == PER_CLASS_EPOCHS_SPACE]
-    chosen = (epochs_only or per_class)[0]
-    others = [r.name for r in per_class if r is not chosen]
-    if chosen.space == PER_CLASS_EPOCHS_SPACE:
+    others = [r for r in per_class if r.space != PER_CLASS_EPOCHS_SPACE]
+    spaces = ", ".join(dict.fromkeys(r.space for r in others))
+    if epochs_only:
         note = (
-            f"From run {chosen.name} (space {PER_CLASS_EPOCHS_SPACE}: the epochs tuned per class at the"
-            " default λ and n), which is what the supplement's table corresponds to"
+            f"From {runs_phrase(epochs_only)} (space {PER_CLASS_EPOCHS_SPACE}: the epochs tuned per class at"
+            " the default λ and n), which is what the supplement's table corresponds to"
         )
-        note += f"; run(s) {', '.join(others)} tune more and have their own wide tables." if others else "."
-    else:
-        note = (
-            f"From run {chosen.name} (space {chosen.space}), which also tunes λ and n: the supplement's table"
-            f" tuned the epochs only (space {PER_CLASS_EPOCHS_SPACE}); give such a run for a like-for-like"
-            " table."
-        )
-    return chosen, [note]
+        note += f"; {runs_phrase(others)} (space {spaces}) also tune λ and n." if others else "."
+        return [*epochs_only, *others], [note], []
+    note = (
+        f"From {runs_phrase(others)} (space {spaces}), which also tune λ and n: the supplement's table tuned"
+        f" the epochs only (space {PER_CLASS_EPOCHS_SPACE})."
+    )
+    advice = f"A run of space {PER_CLASS_EPOCHS_SPACE} gives Table 3/4 like for like."
+    return others, [note], [advice]
 
 
 def paper_tables(
     runs: list[RunResults], published: PublishedNumbers, comparison: list[dict], compare_anyway: bool
 ) -> list[Table]:
-    """Per dataset: the AUPRO table of the single configuration and the image AUROC table tuned per class."""
+    """Per dataset: the AUPRO table of the single configuration and the image AUROC table tuned per class,
+    each with a row per run of the dataset."""
     tables = []
     for dataset in dict.fromkeys(run.dataset for run in runs):
-        default = default_run(runs, dataset)
-        tuned, tuned_notes = tuned_run(runs, dataset)
+        defaults = dataset_runs(runs, dataset)
+        tuned, tuned_notes, tuned_advice = tuned_runs(runs, dataset)
         specs = []
-        if default is not None:
+        if defaults:
             title = f"{dataset}: AUPRO of the single configuration (test set)"
-            specs.append(
-                ("aupro", title, default, "default_test_aupro", SINGLE_CONFIG, [default_note(default)])
-            )
-        if tuned is not None:
-            on = PROTOCOL_LABELS.get(tuned.select_on, tuned.select_on)
+            notes = [default_note(defaults)]
+            specs.append(("aupro", title, defaults, "default_test_aupro", SINGLE_CONFIG, notes, []))
+        if tuned:
+            on = ", ".join(dict.fromkeys(PROTOCOL_LABELS.get(r.select_on, r.select_on) for r in tuned))
             title = f"{dataset}: image AUROC tuned per class, selected on the {on} split"
-            specs.append(
-                ("image_auroc", title, tuned, "selected_test_image_auroc", PER_CLASS_EPOCHS, tuned_notes)
-            )
+            column = "selected_test_image_auroc"
+            specs.append(("image_auroc", title, tuned, column, PER_CLASS_EPOCHS, tuned_notes, tuned_advice))
         tables += [
-            paper_table(f"paper_{metric}_{dataset}", title, run, column, protocol, published, compare_anyway,
-                        comparison, notes)
-            for metric, title, run, column, protocol, notes in specs
+            paper_table(f"paper_{metric}_{dataset}", title, chosen, column, protocol, published,
+                        compare_anyway, comparison, notes, advice)
+            for metric, title, chosen, column, protocol, notes, advice in specs
         ]  # fmt: skip
     return tables

@@ -1,5 +1,7 @@
-"""Each table as CSV, Markdown, HTML and LaTeX through pandas (`to_csv`, `to_markdown`, `Styler.to_html`,
-`Styler.to_latex`), and the two documents, report.md and a self-contained report.html."""
+"""Each table as CSV, Markdown and HTML through pandas (`to_csv`, `to_markdown`, `Styler.to_html`; the
+LaTeX of the paper tables is `tfsearch.report.latex`), and the two documents, report.md and a self-contained
+report.html: numbers right-aligned, text left-aligned, Markdown's inline code and links rendered in the
+HTML."""
 
 from __future__ import annotations
 
@@ -12,9 +14,8 @@ from pandas.io.formats.style import Styler
 
 from tfsearch.report.tables import Table
 
-# a paper table wider than this many columns is scaled to the text width in LaTeX
-LATEX_SCALE_ABOVE = 8
-_LATEX_SYMBOLS = {"λ": r"$\lambda$", "Δ": r"$\Delta$", "−": "--"}
+# a cell that reads as a number (right-aligned): 97.3, -0.4, +1.2, −0.4, 97.00 ± 0.50
+_NUMBER = re.compile(r"^[+\-−]?\d")
 
 
 def _formatter(table: Table) -> dict:
@@ -47,14 +48,35 @@ def table_csv(table: Table) -> str:
     return frame.to_csv(index=frame.index.name is not None or table.paper, index_label=frame.index.name or "")
 
 
+def numeric_columns(table: Table) -> list[bool]:
+    """Per column whether it holds numbers (right-aligned) or text (left-aligned): a formatted or numeric
+    column, or one whose every shown cell reads as a number (`97.00 ± 0.50`)."""
+    shown = _text_frame(table)
+
+    def numeric(column) -> bool:
+        values = table.frame[column]
+        if column in _formatter(table) or (
+            pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        ):
+            return True
+        cells = [str(v) for v in shown[column] if str(v)]
+        return bool(cells) and all(_NUMBER.match(c) for c in cells)
+
+    return [numeric(column) for column in table.frame.columns]
+
+
+def _shows_index(table: Table) -> bool:
+    return table.paper or table.frame.index.name is not None
+
+
 def table_markdown(table: Table) -> str:
     frame = _text_frame(table)
     frame.columns = flat_columns(frame.columns)
-    numeric = [c in _formatter(table) for c in table.frame.columns]
-    show_index = table.paper or table.frame.index.name is not None
-    align = (["left"] if show_index else []) + ["right" if n else "left" for n in numeric]
-    text = frame.to_markdown(index=show_index, colalign=align, disable_numparse=True)
-    notes = "".join(f"\n{note}  " for note in table.notes)
+    align = (["left"] if _shows_index(table) else []) + [
+        "right" if n else "left" for n in numeric_columns(table)
+    ]
+    text = frame.to_markdown(index=_shows_index(table), colalign=align, disable_numparse=True)
+    notes = "".join(f"\n{note}  " for note in [*table.notes, *table.advice])
     return f"### {table.title}\n\n{text}\n{notes}\n"
 
 
@@ -70,47 +92,26 @@ def _styler(table: Table, bold_props: str) -> Styler:
 
 
 def table_html(table: Table) -> str:
+    """The table with its numbers right-aligned and its text columns left-aligned, and its notes."""
     styler = _styler(table, "font-weight:bold").set_table_attributes("class='report'")
-    if not (table.paper or table.frame.index.name is not None):
+    text = [c for c, n in zip(table.frame.columns, numeric_columns(table), strict=True) if not n]
+    if text:
+        left = [{"selector": "", "props": "text-align:left"}]
+        styler = styler.set_table_styles(dict.fromkeys(text, left), overwrite=False)
+    if not _shows_index(table):
         styler = styler.hide(axis="index")
-    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table.notes)
+    notes = "".join(f"<p class='note'>{inline_html(n)}</p>" for n in [*table.notes, *table.advice])
     body = styler.to_html(table_uuid=re.sub(r"[^A-Za-z0-9_-]", "-", table.key))
     return (
-        f"<section><h3 id='{html.escape(table.key)}'>{html.escape(table.title)}</h3>{body}{notes}</section>"
+        f"<section><h3 id='{html.escape(table.key)}'>{inline_html(table.title)}</h3>{body}{notes}</section>"
     )
 
 
-def _latex_text(text: str) -> str:
-    for symbol, command in _LATEX_SYMBOLS.items():
-        text = text.replace(symbol, command)
-    return text
-
-
-def table_latex(table: Table) -> str:
-    """A booktabs table (`\\usepackage{booktabs,graphicx}`) that fits the text width; in each column the
-    better of ours and the published value is bold."""
-    styler = _styler(table, "textbf:--rwrap;").format_index(escape="latex", axis=0)
-    styler = styler.format_index(escape="latex", axis=1)
-    styler = styler.format(
-        escape="latex", subset=[c for c in table.frame.columns if c not in _formatter(table)]
-    )
-    caption = _latex_text(
-        table.title.replace("_", r"\_") + ". " + " ".join(n.replace("_", r"\_") for n in table.notes)
-    )
-    latex = styler.to_latex(
-        hrules=True,
-        column_format="l" + "r" * len(table.frame.columns),
-        position="t",
-        position_float="centering",
-        caption=caption.replace("%", r"\%"),
-        label=f"tab:{re.sub(r'[^A-Za-z0-9:_-]', '-', table.key)}",
-        multicol_align="c",
-    )
-    if len(table.frame.columns) > LATEX_SCALE_ABOVE:
-        latex = latex.replace("\\begin{tabular}", "\\resizebox{\\linewidth}{!}{%\n\\begin{tabular}")
-        latex = latex.replace("\\end{tabular}", "\\end{tabular}%\n}")
-    latex = _latex_text(latex)
-    return "% generated by `tfsearch report`; needs \\usepackage{booktabs,graphicx}\n" + latex
+def inline_html(text: str) -> str:
+    """Escaped text with Markdown's inline code (`x`) as <code> and its links ([text](href)) as <a>."""
+    escaped = html.escape(text, quote=True)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", escaped)
 
 
 def comparison_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
@@ -123,7 +124,9 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 table.report{border-collapse:collapse;margin:.5em 0;font-size:13px}
 table.report th,table.report td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}
 table.report thead th{border-bottom:2px solid #444;background:#f6f6f6}
+table.report thead th[colspan]{text-align:center}
 table.report tbody th{text-align:left}
+code{font-family:ui-monospace,monospace;font-size:.92em;background:#f3f3f3;padding:0 .25em;border-radius:3px}
 .note{font-size:12px;color:#555;margin:.2em 0}
 .missing{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em 1em}
 figure{margin:1em 0}
@@ -157,7 +160,7 @@ def markdown_document(
 def _html_sections(sections: Sections) -> list[str]:
     out = []
     for heading, lines in sections:
-        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        items = "".join(f"<li>{inline_html(line)}</li>" for line in lines)
         css = " class='missing'" if heading == "Missing" else ""
         anchor = re.sub(r"[^a-z0-9]+", "-", heading.lower())
         out.append(f"<section{css} id='{anchor}'><h2>{html.escape(heading)}</h2><ul>{items}</ul></section>")
@@ -178,7 +181,7 @@ def html_document(
     body += [
         f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
         f"{base64.b64encode(figure_png[name]).decode('ascii')}'>"
-        f"<figcaption>{html.escape(text)}</figcaption></figure>"
+        f"<figcaption>{inline_html(text)}</figcaption></figure>"
         for name, text in figures.items()
     ] or ["<p>No figure (see Missing).</p>"]
     return (

@@ -6,6 +6,7 @@ seeds; each run's `importance.csv`; the training milestones."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,31 +29,35 @@ from tfsearch.report.tables import (
     Table,
     comparability,
     comparison_rows,
+    dataset_runs,
     default_note,
-    default_run,
     ordered,
     points,
+    runs_phrase,
 )
 
 
 # -------------------------------------------------------------------------------------------- wide tables
-def wide_table(
-    key: str,
-    title: str,
-    run: RunResults,
-    lead: pd.DataFrame,
-    ours: pd.DataFrame,
-    protocol: str | None,
-    published: PublishedNumbers,
-    compare: Comparability,
-    comparison: list[dict],
-    notes: list[str],
-) -> Table:
-    """Categories as rows (ours in the supplement's order) and a mean row; per metric our column, then each
-    published source and, where like for like, its Δ. `lead`: configuration columns; `ours`: points."""
+@dataclass
+class Block:
+    """One run's rows of a wide table: `lead` its configuration columns, `ours` its metrics in points
+    (categories as rows), `compare` whether its Δ may be shown."""
+
+    run: RunResults
+    lead: pd.DataFrame
+    ours: pd.DataFrame
+    compare: Comparability
+
+
+def block_columns(
+    key: str, block: Block, protocol: str | None, published: PublishedNumbers, comparison: list[dict]
+) -> tuple[list[str], dict[tuple[str, str], list], dict, list[str]]:
+    """A block's rows (its categories in the supplement's order, then its mean), its columns, their formats
+    and the published sources it used."""
+    run, lead, ours = block.run, block.lead, block.ours
     owner = published.published_dataset(run.dataset, list(ours.index))
     order = ordered(list(ours.index), published, owner)
-    mean_label = f"mean ({len(order)})"
+    labels = [*order, f"mean ({len(order)})"]
     columns: dict[tuple[str, str], list] = {("", c): [*lead.loc[order, c], None] for c in lead.columns}
     formats: dict = {}
     used: list[str] = []
@@ -72,26 +77,65 @@ def wide_table(
             used.append(f"{short_source(source)} = {source}")
             columns[(group, short_source(source))] = theirs
             formats[(group, short_source(source))] = "{:.2f}"
-            if compare.delta:
+            if block.compare.delta:
                 delta = [a - b for a, b in zip(values, theirs, strict=True)]
                 columns[(group, f"{DELTA} {short_source(source)}")] = delta
                 formats[(group, f"{DELTA} {short_source(source)}")] = "{:+.2f}"
                 pairs = {"ours": values, "published": theirs, "delta": delta}
-                labels = [*order, mean_label]
-                comparison += comparison_rows(key, run.dataset, protocol, metric, source, labels, pairs)
-    frame = pd.DataFrame(columns, index=pd.Index([*order, mean_label], name="category"))
+                comparison += comparison_rows(key, run, protocol, metric, source, labels, pairs)
+    return labels, columns, formats, used
+
+
+def wide_table(
+    key: str,
+    title: str,
+    blocks: list[Block],
+    protocol: str | None,
+    published: PublishedNumbers,
+    comparison: list[dict],
+    notes: list[str],
+) -> Table:
+    """Categories as rows (ours in the supplement's order) and a mean row; per metric our column, then each
+    published source and, where like for like, its Δ. With several runs (`blocks`), each run's rows one
+    after the other, a `run` column first: every run is in the table."""
+    parts, formats, used = [], {}, []
+    advice: list[str] = []
+    for block in blocks:
+        labels, columns, block_formats, block_used = block_columns(
+            key, block, protocol, published, comparison
+        )
+        parts.append((block.run, labels, columns))
+        formats |= block_formats
+        used += block_used
+        notes = [*notes, *(n for n in block.compare.notes if n not in notes)] if block_used else notes
+        advice += [a for a in block.compare.advice if a not in advice] if block_used else []
+    groups = ["", *(METRIC_LABELS[m] for m in blocks[0].ours.columns)]
+    keys = sorted(
+        dict.fromkeys(k for _, _, columns in parts for k in columns), key=lambda k: groups.index(k[0])
+    )
+    if len(parts) == 1:
+        _, labels, columns = parts[0]
+        frame = pd.DataFrame({k: columns[k] for k in keys}, index=pd.Index(labels, name="category"))
+    else:
+        rows = [
+            {("", "run"): run.name, ("", "category"): label, **{k: columns.get(k, [None] * len(labels))[i]
+                                                               for k in keys}}
+            for run, labels, columns in parts
+            for i, label in enumerate(labels)
+        ]  # fmt: skip
+        frame = pd.DataFrame(rows, columns=[("", "run"), ("", "category"), *keys])
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     for column, kind in (("epoch", "{:.0f}"), ("n", "{:.0f}"), ("λ", "{:.3f}")):
         if ("", column) in frame.columns:
             formats[("", column)] = kind
+    formats = {k: v for k, v in formats.items() if k in frame.columns}
     if used:
-        notes = [*notes, "Published: " + "; ".join(dict.fromkeys(used)) + ".", *compare.notes]
+        notes = [*notes, "Published: " + "; ".join(dict.fromkeys(used)) + "."]
         notes.append(
-            f"{mean_label}: the mean of the {len(order)} rows; a source's mean is its printed one where we"
-            " cover all its categories, else the mean of its values over the same rows (blank if it lacks"
-            " one)."
+            "mean (N): the mean of the run's N rows; a source's mean is its printed one where we cover all"
+            " its categories, else the mean of its values over the same rows (blank if it lacks one)."
         )
-    return Table(key, title, frame, formats, notes)
+    return Table(key, title, frame, formats, notes, advice)
 
 
 def wide_tables(
@@ -99,23 +143,24 @@ def wide_tables(
 ) -> list[Table]:
     tables = []
     for dataset in dict.fromkeys(run.dataset for run in runs):
-        default = default_run(runs, dataset)
-        if default is None:
+        defaults = dataset_runs(runs, dataset)
+        if not defaults:
             continue
-        frame = default.selected.set_index("category")
-        ours = pd.DataFrame({m: points(frame[f"default_test_{m}"]) for m in REPORT_METRICS})
+        blocks = []
+        for run in defaults:
+            frame = run.selected.set_index("category")
+            ours = pd.DataFrame({m: points(frame[f"default_test_{m}"]) for m in REPORT_METRICS})
+            compare = comparability(run, SINGLE_CONFIG, compare_anyway)
+            blocks.append(Block(run, pd.DataFrame(index=frame.index), ours, compare))
         tables.append(
             wide_table(
                 f"single_config_{dataset}",
-                f"{dataset}: single configuration, test metrics (run {default.name})",
-                default,
-                pd.DataFrame(index=frame.index),
-                ours,
+                f"{dataset}: single configuration, test metrics ({runs_phrase(defaults)})",
+                blocks,
                 SINGLE_CONFIG,
                 published,
-                comparability(default, SINGLE_CONFIG, compare_anyway),
                 comparison,
-                [default_note(default)],
+                [default_note(defaults)],
             )
         )
     for run in (r for r in runs if r.searched and len(r.selected)):
@@ -140,12 +185,9 @@ def wide_tables(
             wide_table(
                 f"tuned_{run.name}",
                 f"{run.dataset}: {'per-class' if per_class else 'globally'} tuned configuration ({run.name})",
-                run,
-                lead,
-                ours,
+                [Block(run, lead, ours, comparability(run, protocol, compare_anyway))],
                 protocol,
                 published,
-                comparability(run, protocol, compare_anyway),
                 comparison,
                 [
                     f"Run {run.name} (space {run.space}): configuration selected {how} by"
@@ -182,21 +224,21 @@ def protocol_tables(runs: list[RunResults]) -> list[Table]:
         frame["oracle − val"] = frame["oracle-selected"] - frame["val-selected"]
         frame.loc[f"mean ({len(categories)})"] = frame.mean()
         frame.index.name = "category"
-        tables.append(
-            Table(
-                f"protocols_{dataset}",
-                f"{dataset}: test {METRIC_LABELS.get(metric, metric)} by selection protocol",
-                frame,
-                dict.fromkeys(frame.columns, "{:.2f}") | {"oracle − val": "{:+.2f}"},
-                [
-                    f"default: the default configuration of run {test.name}; val-selected: chosen on the"
-                    f" validation split by run {val.name} (space {val.space}); oracle-selected: chosen on the"
-                    f" test set by run {test.name} (space {test.space}). oracle − val measures the oracle"
-                    " protocol's optimism"
-                    + ("." if test.space == val.space else ", mixed with the difference of the two spaces.")
-                ],
+        notes = [
+            f"default: the default configuration of run {test.name}; val-selected: chosen on the validation"
+            f" split by run {val.name} (space {val.space}); oracle-selected: chosen on the test set by run"
+            f" {test.name} (space {test.space}). oracle − val measures the oracle protocol's optimism"
+            + ("." if test.space == val.space else ", mixed with the difference of the two spaces.")
+        ]
+        others = [r for r in searched if r is not val and r is not test]
+        if others:
+            notes.append(
+                "This table pairs one run selected on each split; the other searched runs of"
+                f" {dataset} have their own tuned tables: {', '.join(r.name for r in others)}."
             )
-        )
+        formats = dict.fromkeys(frame.columns, "{:.2f}") | {"oracle − val": "{:+.2f}"}
+        title = f"{dataset}: test {METRIC_LABELS.get(metric, metric)} by selection protocol"
+        tables.append(Table(f"protocols_{dataset}", title, frame, formats, notes))
     return tables
 
 

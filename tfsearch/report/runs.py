@@ -56,10 +56,12 @@ class RunResults:
     selected: pd.DataFrame
     importance: pd.DataFrame | None = None
     missing: list[str] = field(default_factory=list)
+    # the run's name in this report where two runs share a name (`distinct_names`)
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        return str(self.config.get("name") or self.path.name)
+        return self.label or str(self.config.get("name") or self.path.name)
 
     @property
     def dataset(self) -> str:
@@ -235,3 +237,20 @@ def load_run(path: Path) -> RunResults:
     importance_path = path / IMPORTANCE_FILE
     importance = _read_table(importance_path, IMPORTANCE_COLUMNS) if importance_path.is_file() else None
     return RunResults(path, config, trials, selected, importance, missing)
+
+
+def distinct_names(runs: list[RunResults]) -> None:
+    """Give runs that share a name (the same `--name` under two runs roots) one each in this report: the
+    name and its folder's parent (`NAME@PARENT`), numbered if that is shared too, so that no run's row or
+    table replaces another's."""
+    names = [run.name for run in runs]
+    taken: set[str] = set()
+    for run, name in zip(runs, names, strict=True):
+        if names.count(name) == 1:
+            taken.add(name)
+            continue
+        label, number = f"{name}@{run.path.parent.name}", 2
+        while label in taken or label in names:
+            label, number = f"{name}@{run.path.parent.name}-{number}", number + 1
+        run.label = label
+        taken.add(label)

@@ -34,6 +34,7 @@ AVERAGE = "Average"
 DELTA = "Δ"
 COMPARISON_COLUMNS = (
     "table",
+    "run",
     "dataset",
     "protocol",
     "category",
@@ -54,6 +55,8 @@ class Table:
     frame: pd.DataFrame
     formats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # what to do about a note (a flag, another run to give): in report.md and report.html, not in a caption
+    advice: list[str] = field(default_factory=list)
     # a paper table: rounded as shown also in its CSV, written as LaTeX too, the best of `best_rows` bold
     paper: bool = False
     best_rows: tuple[str, ...] = ()
@@ -62,10 +65,12 @@ class Table:
 
 @dataclass
 class Comparability:
-    """Whether a run's numbers may be set against a published protocol, and the note that says so."""
+    """Whether a run's numbers may be set against a published protocol, the note that says so and what
+    the user may do about it."""
 
     delta: bool
     notes: list[str]
+    advice: list[str] = field(default_factory=list)
 
 
 def comparability(run: RunResults, protocol: str | None, compare_anyway: bool) -> Comparability:
@@ -86,9 +91,13 @@ def comparability(run: RunResults, protocol: str | None, compare_anyway: bool) -
     text = "; ".join(reasons)
     if compare_anyway:
         return Comparability(
-            True, [f"Δ shown (--compare-anyway) although run {run.name} is not like for like: {text}."]
+            True,
+            [f"Δ shown although run {run.name} is not like for like: {text}."],
+            ["The Δ of such a run is shown because of `--compare-anyway`."],
         )
-    return Comparability(False, [f"No Δ for run {run.name}: {text}. `--compare-anyway` shows it."])
+    return Comparability(
+        False, [f"No Δ for run {run.name}: {text}."], ["`tfsearch report --compare-anyway` shows such a Δ."]
+    )
 
 
 def points(values: pd.Series) -> pd.Series:
@@ -102,22 +111,32 @@ def ordered(categories: list[str], published: PublishedNumbers, owner: str | Non
 
 
 def comparison_rows(
-    key: str, dataset: str, protocol: str, metric: str, source: str, labels: list[str], pairs: dict
+    key: str, run: RunResults, protocol: str, metric: str, source: str, labels: list[str], pairs: dict
 ) -> list[dict]:
-    """The rows of published_comparison.csv: `pairs` holds the lists `ours`, `published` and `delta`."""
-    common = {"table": key, "dataset": dataset, "protocol": protocol, "metric": metric, "source": source}
+    """The rows of published_comparison.csv: `pairs` holds the lists `ours`, `published` and `delta`; a
+    category without both values has none."""
+    common = {"table": key, "run": run.name, "dataset": run.dataset, "protocol": protocol, "metric": metric}
     return [
-        {**common, "category": label, "ours": ours, "published": theirs, "delta": delta}
+        {**common, "category": label, "ours": ours, "published": theirs, "delta": delta, "source": source}
         for label, ours, theirs, delta in zip(labels, *pairs.values(), strict=True)
-        if not math.isnan(theirs)
+        if not (math.isnan(theirs) or math.isnan(ours))
     ]
 
 
-def default_run(runs: list[RunResults], dataset: str) -> RunResults | None:
-    """The run whose default configuration stands for the dataset: searched runs before sweeps."""
-    candidates = [r for r in runs if r.dataset == dataset and len(r.selected)]
-    return sorted(candidates, key=lambda r: r.is_sweep)[0] if candidates else None
+def dataset_runs(runs: list[RunResults], dataset: str) -> list[RunResults]:
+    """The runs of `dataset` that selected something, in the order given: each has a default configuration
+    and its own row in the single-configuration tables."""
+    return [r for r in runs if r.dataset == dataset and len(r.selected)]
 
 
-def default_note(run: RunResults) -> str:
-    return f"The default configuration: final epoch, λ {run.default_lam:g}, n {run.default_kernel}."
+def default_note(runs: list[RunResults]) -> str:
+    """The default configuration (final epoch, λ, n) of the runs: once where they share it."""
+    settings = {r.name: f"final epoch, λ {r.default_lam:g}, n {r.default_kernel}" for r in runs}
+    if len(set(settings.values())) == 1:
+        return f"The default configuration: {next(iter(settings.values()))}."
+    return "The default configuration: " + "; ".join(f"run {k}: {v}" for k, v in settings.items()) + "."
+
+
+def runs_phrase(runs: list[RunResults]) -> str:
+    """`run A` or `runs A, B`."""
+    return ("run " if len(runs) == 1 else "runs ") + ", ".join(r.name for r in runs)

@@ -7,7 +7,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, sync_command, write_sync_note
+from tfsearch.infra.tracking import (
+    DEFAULT_PROJECT,
+    check_mode,
+    drop_other_runs,
+    new_run_id,
+    run_data,
+    run_folder,
+    run_folders,
+    run_id_of,
+    staged_in,
+    sync_command,
+    write_sync_note,
+)
 from tfsearch.report.render import flat_columns
 from tfsearch.report.tables import Table
 
@@ -31,36 +43,46 @@ def log_to_wandb(
     project: str | None,
     entity: str | None,
 ) -> str:
-    """One W&B run holding every table and figure; returns what happened, for the console and the report."""
+    """One W&B run holding every table and figure; returns what happened, for the console and the report.
+
+    The run is the report folder's: made again, the report logs into the run id it had (`resume="allow"`)
+    and the offline run folder it replaces is deleted, so `wandb sync` finds one run to upload, the one
+    `wandb/SYNC.txt` names. Offline, the files W&B stages for its tables stay inside the run's folder."""
     check_mode(mode, project)
     if mode == "disabled":
         return "W&B: disabled (--wandb disabled)."
     import wandb  # seconds to import: not with --wandb disabled
 
     project = project or DEFAULT_PROJECT
+    out = out.resolve()
+    known = [run_id for run_id in map(run_id_of, run_folders(out)) if run_id]
     with wandb.init(
         project=project,
         entity=entity,
         mode=mode,
-        dir=str(out.resolve()),
+        dir=str(out),
+        id=known[-1] if known else new_run_id(),
+        resume="allow",
         name="report-" + "+".join(run_names),
         job_type="report",
         config={"runs": run_names, "run_dirs": [str(d.resolve()) for d in run_dirs]},
         settings=wandb.Settings(console="off", silent=True),
     ) as run:
-        run.log(
-            {f"tables/{t.key}": _wandb_table(t) for t in tables}
-            | {f"figures/{name}": wandb.Image(str(path)) for name, path in figure_paths.items()}
-        )
+        with staged_in(run_data(run)):
+            run.log(
+                {f"tables/{t.key}": _wandb_table(t) for t in tables}
+                | {f"figures/{name}": wandb.Image(str(path)) for name, path in figure_paths.items()}
+            )
         for table in (t for t in tables if t.paper):
             run.summary[f"{table.key}/average"] = float(table.frame.iloc[0]["Average"])
         run_url = run.url if mode == "online" else None
+        folder = run_folder(run)
+    drop_other_runs(out, keep=folder)
     if mode == "offline":
-        write_sync_note(out, "The report's tables and figures")
+        write_sync_note(out, "The report's tables and figures", runs=[folder])
         return (
-            f"W&B: offline run written under {out.resolve() / 'wandb'}; upload it with"
-            f" `{sync_command(out)}`. The W&B Report (wandb-workspaces) needs the network: skipped offline;"
-            " rerun with --wandb online."
+            f"W&B: offline run written to {folder}; upload it with `{sync_command(out, [folder])}`. The W&B"
+            " Report (wandb-workspaces) needs the network: skipped offline; rerun with --wandb online."
         )
     return f"W&B: run {run_url}. " + create_wandb_report(
         tables, project, entity, run_names, list(figure_paths)

@@ -5,6 +5,7 @@ Ray Tune, then select (epoch, λ, n) with Optuna on the cached maps, then the ta
     check_start      tfsearch.run.start: the checks of a new run, or of --resume (nothing written yet)
     connect          tfsearch.infra.cluster: join the cluster, or start Ray here
     create_run       the run folder and its plan (config.json), once the cluster answered
+    prepare_studies  the Optuna studies file in the form --studies chose (a resumed run keeps its own)
     run_training     tfsearch.run.training: a Tune trial per (category, training configuration, seed), each
                      writing checkpoints and maps at every milestone (trainable.py, on the workers)
     Selection        tfsearch.run.selection: per category (or dataset) an Optuna study on the cached maps,
@@ -37,10 +38,11 @@ from tfsearch.run.plan import RunPlan, TrialSettings
 from tfsearch.run.results import failed_message, publish, write_selected, write_trials
 from tfsearch.run.selection.log import log_selection
 from tfsearch.run.selection.stage import Selection
-from tfsearch.run.start import check_start, create_run
+from tfsearch.run.start import check_start, create_run, prepare_studies
 from tfsearch.run.training.stage import run_training
 from tfsearch.run.training.trainable import train_category
 from tfsearch.store.lock import run_lock
+from tfsearch.store.run_folder import dashboard_command
 
 
 def execute(
@@ -61,6 +63,7 @@ def execute(
         INTERRUPTIONS.install()  # ray.init replaced the SIGTERM handler
         if not resume:
             create_run(plan)
+        studies = prepare_studies(plan)
         started = time.perf_counter()
         with during("training"):
             selection = Selection(plan)  # a category's study starts as soon as its training ends
@@ -84,7 +87,10 @@ def execute(
     if not plan.quiet:
         print(
             f"[done] training {trained - started:.1f} s, then selection and tables"
-            f" {time.perf_counter() - trained:.1f} s; results in {plan.run_dir}"
+            f" {time.perf_counter() - trained:.1f} s; results in {plan.run_dir}\n"
+            f"[done] report: {plan.run_dir / 'report' / 'report.md'}\n"
+            f"[done] the Optuna studies open with: {dashboard_command(studies)}",
+            flush=True,
         )
     if failed:
         raise InputError(failed_message(failed))

@@ -58,6 +58,9 @@ class RunPlan:
     quiet: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 autocast in the training trials (`Runtime.precision`)
     channels_last: bool = False
+    # --studies: auto | sqlite | journal, the form of the studies (`tfsearch.store.studies.studies_file`);
+    # not part of the plan's identity: the run folder's studies file records it, and --resume keeps it
+    studies: str = "auto"
     # Weights & Biases: offline | online | disabled; not part of the plan's identity
     wandb: str = "offline"
     wandb_project: str | None = None
@@ -290,6 +293,7 @@ def make_plan(args) -> RunPlan:
         quiet=args.quiet,
         precision=args.precision or stored_precision(run_dir),
         channels_last=args.channels_last,
+        studies=getattr(args, "studies", None) or "auto",
         wandb=args.wandb,
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,

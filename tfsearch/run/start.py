@@ -2,18 +2,21 @@
 mistake, then the run plan written as config.json with the version that started the run.
 
 `check_start` writes nothing, so a command that fails afterwards (a cluster that refuses the connection)
-leaves nothing that blocks the corrected command; `create_run` writes the run folder once it may.
+leaves nothing that blocks the corrected command; `create_run` writes the run folder once it may, and
+`prepare_studies` creates the studies in the form `--studies` chose (the stages find that file after).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tfsearch import __version__
 from tfsearch.errors import InputError
 from tfsearch.run.plan import RunPlan
 from tfsearch.store.atomic import atomic_write_json
 from tfsearch.store.run_folder import CONFIG_FILE, read_config
+from tfsearch.store.studies import NETWORK_FILESYSTEMS, filesystem_type, open_studies, studies_file
 from tfsearch.transfusion.profiles import Profile
 
 # config.json: the tfsearch version that started the run; not part of the plan, so --resume ignores it
@@ -24,7 +27,8 @@ def check_start(plan: RunPlan, resume: bool) -> None:
     """Whether the run may start (no run of its name yet) or, with `--resume`, continue (the same plan).
 
     Without `--resume` a run never continues anything: an existing run folder, or an existing experiment
-    at its storage (a run of the same name started from another folder or machine), stops it.
+    at its storage (a run of the same name started from another folder or machine), stops it. A `--studies`
+    that contradicts the studies file the run already has stops it too, naming the file.
     """
     config = plan.run_dir / CONFIG_FILE
     if config.exists():
@@ -56,6 +60,7 @@ def check_start(plan: RunPlan, resume: bool) -> None:
                 " earlier tfsearch (one per category), which this version cannot continue: start the run"
                 " again under another --name"
             )
+        studies_file(plan.run_dir, plan.studies)  # a --studies that contradicts the run's studies stops it
         return
     if resume:
         raise InputError(f"--resume: {plan.run_dir} holds no run to resume")
@@ -65,6 +70,7 @@ def check_start(plan: RunPlan, resume: bool) -> None:
             f"--storage: {plan.location.child(existing[0]).uri} already holds a run named {plan.name!r};"
             " resume it from its run folder with --resume, or choose another --name"
         )
+    studies_file(plan.run_dir, plan.studies)
 
 
 def create_run(plan: RunPlan) -> None:
@@ -75,11 +81,27 @@ def create_run(plan: RunPlan) -> None:
         plan.location.upload(config, CONFIG_FILE)
 
 
+def prepare_studies(plan: RunPlan) -> Path:
+    """The run's studies file, created now in the form `--studies` chose where the run has none yet (the
+    training and selection stages then find it); a resumed run's own file is kept. Returns its path."""
+    path = studies_file(plan.run_dir, plan.studies)
+    shared = filesystem_type(plan.run_dir)
+    if not path.exists() and path.name.endswith(".db") and shared in NETWORK_FILESYSTEMS and not plan.quiet:
+        print(
+            f"[run] --studies sqlite on a {shared} file system: SQLite's locks may be unreliable there"
+            " (--studies journal avoids them)",
+            flush=True,
+        )
+    open_studies(path)
+    return path
+
+
 def start_run(plan: RunPlan, resume: bool) -> None:
-    """Create the run folder, or check that `--resume` continues the same plan."""
+    """Create the run folder and its studies, or check that `--resume` continues the same plan."""
     check_start(plan, resume)
     if not resume:
         create_run(plan)
+    prepare_studies(plan)
 
 
 def started_by(run_dir) -> str:

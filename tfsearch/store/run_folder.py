@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -153,3 +154,39 @@ def format_cell(value: object) -> object:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
     return "" if value is None else value
+
+
+STUDIES_DB = "studies.db"
+
+
+STUDIES_JOURNAL = "studies.journal"
+
+
+FORM_FILES = {"sqlite": STUDIES_DB, "journal": STUDIES_JOURNAL}
+
+
+def existing_studies(run_dir: Path) -> Path | None:
+    """The studies file the run folder already holds, if any."""
+    for name in (STUDIES_DB, STUDIES_JOURNAL):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def form_of(path: Path) -> str:
+    """`journal` or `sqlite`: the form of a studies file, by its name."""
+    return "journal" if Path(path).name.endswith(".journal") else "sqlite"
+
+
+def dashboard_command(path: Path) -> str:
+    """The optuna-dashboard command that opens a studies file, quoted for a POSIX shell."""
+    path = Path(path).resolve()
+    target = str(path) if form_of(path) == "journal" else f"sqlite:///{path}"
+    return f"optuna-dashboard {shlex.quote(target)}"
+
+
+def dashboard_of(run_dir: Path) -> str | None:
+    """The optuna-dashboard command for the studies of a run folder; None where it holds none (a run that
+    has not started selection, or a copy of a run's tables from an object store)."""
+    existing = existing_studies(Path(run_dir))
+    return None if existing is None else dashboard_command(existing)

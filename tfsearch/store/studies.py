@@ -2,8 +2,10 @@
 
 SQLite on a local disk; Optuna's `JournalStorage` with a journal file when the run folder is on a network
 file system (NFS, Lustre, GPFS, ...), where SQLite's locking is unreliable and Optuna recommends the journal.
-A run keeps the form its studies were created in, so a resumed run opens the same file. optuna-dashboard
-opens either (`dashboard_command`).
+`tfsearch run --studies sqlite|journal` chooses the form instead (`STUDIES_FORMS`): for a file system not
+recognised here, or for many writers. A run keeps the form its studies were created in, so a resumed run
+opens the same file, and a `--studies` that contradicts it is refused. optuna-dashboard opens either
+(`tfsearch.store.run_folder.dashboard_command`).
 
 Enumerated studies add thousands of finished trials at once. Optuna's `Study.add_trials` writes them one by
 one, and with `RDBStorage` each costs a transaction and about twenty ORM statements (0.07–0.19 s a trial on
@@ -27,9 +29,16 @@ from optuna.distributions import (
 from optuna.storages.journal import JournalFileBackend
 
 from tfsearch.errors import InputError
+from tfsearch.store.run_folder import (
+    FORM_FILES,
+    STUDIES_JOURNAL,
+    existing_studies,
+    form_of,
+)
 
-STUDIES_DB = "studies.db"
-STUDIES_JOURNAL = "studies.journal"
+# `tfsearch run --studies`: auto (the default) detects the form from the file system, the others choose it
+AUTO = "auto"
+STUDIES_FORMS = (AUTO, *FORM_FILES)
 # file system types (as /proc/mounts names them) that many nodes share over a network
 NETWORK_FILESYSTEMS = frozenset(
     {
@@ -60,13 +69,24 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     return kind
 
 
-def studies_file(run_dir: Path) -> Path:
-    """The run's studies: the file it already has, else a journal on a network file system, else SQLite."""
-    for name in (STUDIES_DB, STUDIES_JOURNAL):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    shared = filesystem_type(run_dir) in NETWORK_FILESYSTEMS
-    return run_dir / (STUDIES_JOURNAL if shared else STUDIES_DB)
+def studies_file(run_dir: Path, form: str = AUTO) -> Path:
+    """The run's studies: the file it already has; else the file of `form` (`sqlite`, `journal`), or with
+    `auto` a journal on a network file system and SQLite elsewhere. A `form` that contradicts the file the
+    run already has is an InputError naming that file: a run keeps the form it started with."""
+    if form not in STUDIES_FORMS:
+        raise InputError(f"--studies {form}: expected one of {', '.join(STUDIES_FORMS)}")
+    existing = existing_studies(run_dir)
+    if existing is not None:
+        if form != AUTO and existing.name != FORM_FILES[form]:
+            kind = "an Optuna journal" if existing.name == STUDIES_JOURNAL else "SQLite"
+            raise InputError(
+                f"--studies {form}: {existing} already holds this run's studies as {kind}, and a run keeps"
+                f" the form it started with: leave --studies out (or give --studies {form_of(existing)})"
+            )
+        return existing
+    if form == AUTO:
+        form = "journal" if filesystem_type(run_dir) in NETWORK_FILESYSTEMS else "sqlite"
+    return Path(run_dir) / FORM_FILES[form]
 
 
 def open_studies(path: Path | str):
@@ -197,14 +217,6 @@ def _insert_trials(storage, study_id: int, trials: Sequence) -> range:
 def _naive_utc(moment: datetime | None) -> datetime | None:
     """As RDBStorage stores trial datetimes: naive UTC (FrozenTrial's are naive local time)."""
     return None if moment is None else moment.astimezone(timezone.utc).replace(tzinfo=None)
-
-
-def dashboard_command(path: Path) -> str:
-    """The optuna-dashboard command that opens a studies file."""
-    path = Path(path).resolve()
-    return (
-        f"optuna-dashboard {path}" if path.name.endswith(".journal") else f"optuna-dashboard sqlite:///{path}"
-    )
 
 
 def study_name(space: str, dataset: str, category: str | None) -> str:

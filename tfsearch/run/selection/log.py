@@ -11,8 +11,11 @@ Parameters fixed by the space have no row. Two methods:
 - `optuna_fanova`, for TPE and random studies: Optuna's fANOVA importances (normalised to sum to 1).
 
 With `--wandb offline|online` each study also becomes a W&B run (job type `select`, grouped under the run's
-name) whose `candidates` table holds every candidate with its parameters and selection value, and whose
-summary holds the choice.
+name). Its summary, what W&B's run table and panels show, holds the table `candidates` (every candidate with
+its parameters, selection value and metrics; `candidates_count` rows) and the choice: `selected_model`,
+`selected_epoch`, `selected_lam`, `selected_kernel` (n), `selected_is_default`, `selected_trial` (the
+candidate's number, none for the default), `selected_value`, `best_value`, `tied_at_best`. The table's staged
+files stay in the run's own folder.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, write_sync_note
+from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, run_data, staged_in, write_sync_note
 from tfsearch.run.plan import RunPlan
+from tfsearch.run.selection.candidates import Candidate
 from tfsearch.run.selection.study import CHOICE_ATTR, candidate_of
 from tfsearch.store.run_folder import IMPORTANCE_COLUMNS, IMPORTANCE_FILE, write_csv
 from tfsearch.store.studies import open_studies, studies_file, study_name
@@ -98,6 +102,26 @@ def importance_rows(dataset: str, studies: dict[str, optuna.Study], enumerated: 
     return rows
 
 
+def choice_summary(study: optuna.Study) -> dict:
+    """A study's choice as its W&B summary keys: the chosen configuration, whether it is the default, and how
+    the candidates ranked. Without a recorded choice, only what the candidates say."""
+    choice = study.user_attrs.get(CHOICE_ATTR)
+    if choice is None:
+        return {}
+    trial = choice.get("trial")
+    default = Candidate(**choice["default"]) if "default" in choice else None
+    chosen = default if trial is None else candidate_of(study.trials[trial])
+    summary = {
+        "selected_trial": trial,
+        "selected_value": choice.get("value"),
+        "tied_at_best": choice.get("tied"),
+    }
+    if chosen is not None:
+        summary.update({f"selected_{k}": v for k, v in chosen.as_params().items()})
+        summary["selected_is_default"] = trial is None or chosen == default
+    return summary
+
+
 def log_studies_to_wandb(
     studies: dict[str, optuna.Study],
     run_dir: Path,
@@ -114,7 +138,6 @@ def log_studies_to_wandb(
 
     for scope, study in studies.items():
         frame = candidates_frame(study)
-        choice = study.user_attrs.get(CHOICE_ATTR, {})
         with wandb.init(
             project=project or DEFAULT_PROJECT,
             entity=entity,
@@ -127,11 +150,11 @@ def log_studies_to_wandb(
             settings=wandb.Settings(console="off", silent=True),
         ) as run:
             table = frame.astype(object).where(frame.notna(), None)  # NaN cells as empty
-            run.log({"candidates": wandb.Table(dataframe=table)})
-            summary = {"candidates": len(frame), "tied_at_best": choice.get("tied")}
+            with staged_in(run_data(run)):
+                run.log({"candidates": wandb.Table(dataframe=table)})  # the summary keeps the table
+            summary = {"candidates_count": len(frame), **choice_summary(study)}
             if len(frame):
                 summary["best_value"] = float(np.nanmax(frame["value"]))
-            summary["selected_trial"] = choice.get("trial")
             run.summary.update({k: v for k, v in summary.items() if v is not None})
     if mode == "offline":
         write_sync_note(Path(run_dir).resolve(), "The training trials and selection studies")
@@ -153,7 +176,14 @@ def log_selection(plan: RunPlan) -> dict[str, optuna.Study]:
     }
     rows = importance_rows(plan.dataset, studies, plan.space.enumerated)
     write_csv(plan.run_dir / IMPORTANCE_FILE, IMPORTANCE_COLUMNS, rows)
-    log_studies_to_wandb(studies, plan.run_dir, plan.name, plan.wandb, plan.wandb_project, plan.wandb_entity)
+    log_studies_to_wandb(
+        studies,
+        plan.run_dir,
+        plan.name,
+        plan.wandb,
+        plan.wandb_project,
+        plan.wandb_entity,
+    )
     if not plan.quiet:
         for row in rows:
             if row["scope"] == ALL:

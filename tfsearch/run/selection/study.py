@@ -168,7 +168,8 @@ def run_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> optuna.S
         optimize(study, spec)
         finished = _finished(study)
     study.set_user_attr(CHECKPOINTS_ATTR, checkpoint_names(spec.checkpoints))
-    study.set_user_attr(CHOICE_ATTR, choose(finished, spec))
+    # the default goes with the choice: what `trial: None` means, for readers without the spec
+    study.set_user_attr(CHOICE_ATTR, {**choose(finished, spec), "default": spec.default.as_params()})
     return study
 
 

@@ -4,11 +4,14 @@ restored experiment, the start of a category's selection once its training ended
 Tune pickles its callbacks into the experiment state that `--resume` restores, so every class here is defined
 at module level and stays importable under its name.
 
-W&B: each training trial becomes one W&B run (grouped under the run's name) that logs the metrics the trial
-reports at every milestone. Ray Tune logs from a helper actor, which reads its mode from its own environment:
-`WANDB_MODE` set only in the driver is lost on a cluster started separately, and the actor then fails without
-telling Tune (stack-notes). So the mode goes to `wandb.init` explicitly, and the driver's environment says the
-same, which Ray's callback checks for an API key before it starts.
+W&B: each training trial becomes one W&B run (grouped under the run's name) that logs what the trial reports
+at every milestone, and whose config holds the trial's config (category, seed, training hyperparameters) on
+top of the run's settings (profile, epochs, lr, seed, precision, ...; `wandb_config`). Ray Tune logs from a
+helper actor on the driver's node, which reads its mode from its own environment: `WANDB_MODE` set only in the
+driver is lost on a cluster started separately, and the actor then fails without telling Tune (stack-notes).
+So the mode goes to `wandb.init` explicitly, and the driver's environment says the same, which Ray's callback
+checks for an API key before it starts; the actor's own environment keeps what W&B stages in the run folder
+and its run summaries off the console (`TrialRuns`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
 from ray import tune
-from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback
+from ray.air.util.node import _force_on_current_node
 
 from tfsearch.infra import telemetry
-from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, write_sync_note
+from tfsearch.infra.tracking import DATA_FOLDER, DEFAULT_PROJECT, check_mode, wandb_env, write_sync_note
 from tfsearch.run.plan import RunPlan
+from tfsearch.store.run_folder import CONFIG_FILE, read_config
 from tfsearch.transfusion.protocol import paper_protocol_note
 
 
@@ -112,18 +118,79 @@ class CategoryTrained(tune.Callback):
             self.trained(category)
 
 
-def tune_callbacks(run_dir: Path, name: str, mode: str, project: str | None, entity: str | None) -> list:
-    """Ray Tune callbacks that log every training trial to W&B; [] when `mode` is disabled."""
+class TrialRuns(WandbLoggerCallback):
+    """Ray Tune's W&B callback (a W&B run per trial, logged by an actor on the driver's node) with
+
+    - `settings` (the run's, `wandb_config`) in every run's config beneath the trial's own config;
+    - `env` in the logging actor's environment (`tracking.wandb_env`: staging in the run folder, quiet);
+    - the logging actor not restarted by Ray: Ray restarts it by default, and for such an actor, which gets
+      the handle of its queue, the driver's core worker logs an error-level line (ray-project/ray#53727) on
+      every run. An actor that dies ends that trial's W&B run, not its training; Ray reports the error.
+
+    All three happen where Ray 2.60 starts the actor (`_start_logging_actor`, which creates the actor class
+    once as `_remote_logger_class`); tests/test_wandb_runs.py checks the runs and the console it makes."""
+
+    def __init__(self, settings: dict, env: dict[str, str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings, self.env = dict(settings), dict(env)
+
+    def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+        if not self._remote_logger_class:
+            env = {**self.env, **{k: os.environ[k] for k in (WANDB_ENV_VAR,) if k in os.environ}}
+            self._remote_logger_class = ray.remote(
+                num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env}, max_restarts=0
+            )(self._logger_actor_cls)
+        wandb_init_kwargs["config"] = {**self.settings, **wandb_init_kwargs.get("config", {})}
+        super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+
+def wandb_config(described: dict) -> dict:
+    """The settings every training run of a run shares, for its W&B config: from the run's plan as
+    `RunPlan.describe` (config.json) has it. A trial's own config (seed, lr searched, ...) comes first."""
+    profile = described.get("profile") or {}
+    space = described.get("space") or {}
+    config = {
+        "run": described.get("name"),
+        "dataset": described.get("dataset"),
+        "space": space.get("name") if isinstance(space, dict) else space,
+        "profile": profile.get("name"),
+        "epochs": profile.get("epochs"),
+        "lr": profile.get("lr"),
+        "batch_size": profile.get("batch_size"),
+        "image_size": profile.get("image_size"),
+        "seed": profile.get("seed"),
+        "precision": described.get("precision"),
+    }
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def tune_callbacks(
+    run_dir: Path,
+    name: str,
+    mode: str,
+    project: str | None,
+    entity: str | None,
+    described: dict | None = None,
+) -> list:
+    """Ray Tune callbacks that log every training trial to W&B; [] when `mode` is disabled. `described`: the
+    run's plan (`RunPlan.describe()`), whose settings each run's config holds; by default the run folder's
+    config.json, when it has one."""
     check_mode(mode, project)
     if mode == "disabled":
         return []
     os.environ["WANDB_MODE"] = mode
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if described is None and (run_dir / CONFIG_FILE).is_file():
+        described = read_config(run_dir)
     if mode == "offline":
         write_sync_note(run_dir, f"The training trials of run {name!r}")
     return [
-        WandbLoggerCallback(
+        TrialRuns(
+            settings=wandb_config(described or {}),
+            # WANDB_SERVICE empty: each actor starts its own W&B service, with this environment, rather than
+            # join one that the environment Ray was started from named
+            env={**wandb_env(run_dir / "wandb" / DATA_FOLDER), "WANDB_MODE": mode, "WANDB_SERVICE": ""},
             project=project or DEFAULT_PROJECT,
             group=name,
             entity=entity,
@@ -134,5 +201,6 @@ def tune_callbacks(run_dir: Path, name: str, mode: str, project: str | None, ent
             # Ray names each W&B run by its trial id: a trial retried or continued on --resume logs on into
             # its run instead of restarting it (Ray's default is resume=False)
             resume="allow",
+            reinit="finish_previous",  # what Ray's reinit=True meant, which wandb 0.31 warns is deprecated
         )
     ]

@@ -206,6 +206,8 @@ def train_in_folder(
             {
                 "device_note": device_note.strip(" ()"),
                 "epoch": milestone.epoch,
+                "loss": milestone.loss,
+                "images_per_second": milestone.images_per_second,
                 "selection_value": 0.0 if math.isnan(value) else value,
                 **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
             },
