@@ -83,7 +83,7 @@ def test_known_category_lists():
     assert list(MVTEC_CATEGORIES) == sorted(MVTEC_CATEGORIES) and len(MVTEC_CATEGORIES) == 15
     assert list(VISA_CATEGORIES) == sorted(VISA_CATEGORIES) and len(VISA_CATEGORIES) == 12
     assert sorted(TEXTURE_CATEGORIES) == ["carpet", "grid", "leather", "tile", "wood", "zipper"]
-    assert DATASETS == ("mvtec", "visa", "folder", "demo", "demo_real")
+    assert DATASETS == ("mvtec", "visa", "folder", "demo", "demo_real", "mvtec_ad2")
 
 
 def test_mvtec_layout_under_a_root_containing_test(mvtec_root):

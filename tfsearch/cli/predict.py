@@ -8,6 +8,7 @@ from pathlib import Path
 
 import tfsearch.deploy.detector
 from tfsearch.deploy.detector import SCORES_FILE, run_prediction
+from tfsearch.deploy.submission import write_submission
 from tfsearch.errors import InputError
 from tfsearch.transfusion.runtime import PRECISIONS, Runtime
 
@@ -20,10 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=tfsearch.deploy.detector.__doc__.split("\n\n")[0],
     )
     parser.add_argument("export", type=Path, metavar="EXPORT", help="an export folder (EXPORT_DIR/CATEGORY)")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE|DIR", help="images or folders")
+    parser.add_argument("inputs", type=Path, nargs="*", metavar="IMAGE|DIR", help="images or folders")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="writes maps/, overlays/ and scores.csv")
     parser.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="writes maps/, overlays/ and scores.csv"
+        "--mvtec-ad2-submission",
+        type=Path,
+        metavar="DIR",
+        help="instead: score MVTec AD 2's private test sets of --data-root with every category of EXPORT_DIR"
+        " and write DIR in the evaluation server's submission layout, checked (docs/mvtec-ad2.md)",
     )
+    parser.add_argument("--data-root", type=Path, metavar="ROOT", help="the MVTec AD 2 root, for the above")
+    parser.add_argument("--categories", metavar="A,B", help="with the above: only these categories")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, help="images per batch (default: the profile's inference batch)")
     parser.add_argument(
@@ -45,6 +53,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: expected a positive number of models")
     runtime = Runtime(device=args.device, precision=args.precision, progress=not args.quiet)
+    if args.mvtec_ad2_submission is not None:
+        return run_submission(args, runtime)
+    if not args.inputs or args.out is None:
+        raise InputError("predict needs IMAGE|DIR arguments and --out (or --mvtec-ad2-submission DIR)")
+    if args.data_root is not None or args.categories is not None:
+        raise InputError("--data-root and --categories go with --mvtec-ad2-submission")
     started = time.perf_counter()
     rows = run_prediction(
         args.export,
@@ -61,4 +75,28 @@ def run_predict(args: argparse.Namespace) -> int:
         f"{len(rows)} images, {anomalous} anomalous, in {seconds:.1f} s "
         f"({len(rows) / seconds:.2f} images/s); maps, overlays and {SCORES_FILE} in {args.out}"
     )
+    return 0
+
+
+def run_submission(args: argparse.Namespace, runtime: Runtime) -> int:
+    if args.inputs or args.out is not None or args.address is not None:
+        raise InputError(
+            "--mvtec-ad2-submission takes no IMAGE|DIR, --out or --address: it scores --data-root"
+        )
+    if args.data_root is None:
+        raise InputError(
+            "--mvtec-ad2-submission needs --data-root, the MVTec AD 2 root with the private test sets"
+        )
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    result = write_submission(
+        args.export, args.data_root, args.mvtec_ad2_submission, runtime=runtime, batch_size=args.batch,
+        categories=categories,
+    )  # fmt: skip
+    print(
+        f"{result.images} private test images of {', '.join(result.categories)} written to {result.folder}"
+        " and checked (layout, names, sizes, float16 anomaly images, 0/255 masks); mask thresholds "
+        + ", ".join(f"{c} {t:.4g}" for c, t in result.thresholds.items())
+    )
+    if result.not_uploadable:
+        print(f"warning: not the submission the server takes as is: {'; '.join(result.not_uploadable)}")
     return 0

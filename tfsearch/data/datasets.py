@@ -1,8 +1,9 @@
 """Datasets: which images and masks make up a category (reading one file: `tfsearch.data.images`).
 
-Five sources share one in-memory form, a `Category` of `Sample`s: MVTec AD, VisA (the prepared "1cls" layout
-or the raw download read through its split CSV), `folder` (a user's own categories in the MVTec layout), the
-synthetic `demo` and the realistic synthetic `demo_real`. Masks are found by their path relative to the
+Six sources share one in-memory form, a `Category` of `Sample`s (`tfsearch.data.layout`): MVTec AD, MVTec AD 2
+(`tfsearch.data.mvtec_ad2`), VisA (the prepared "1cls" layout or the raw download read through its split
+CSV), `folder` (a user's own categories in the MVTec layout), the synthetic `demo` and the realistic
+synthetic `demo_real`. Masks are found by their path relative to the
 category root, never by editing the path string: the original's string replace breaks on a data root whose
 path contains "test" (method.md §11.12).
 """
@@ -12,18 +13,23 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
 from tfsearch.data.demo import DEMO_CATEGORIES, DEMO_TEXTURES, demo_root, realistic_demo_root
 from tfsearch.data.demo_real import REALISTIC_CATEGORIES
-from tfsearch.data.images import IMAGE_EXTENSIONS, header_size, load_image, load_mask
+from tfsearch.data.images import load_image, load_mask
+from tfsearch.data.layout import Category, Sample, extensions_text
+from tfsearch.data.layout import check_mask_sizes as _check_mask_sizes
+from tfsearch.data.layout import image_files as _image_files
+from tfsearch.data.layout import sorted_by_id as _sorted_by_id
+from tfsearch.data.layout import subfolders as _subfolders
+from tfsearch.data.mvtec_ad2 import LAYOUT as MVTEC_AD2_LAYOUT
+from tfsearch.data.mvtec_ad2 import MVTEC_AD2_CATEGORIES, WHOLE_IMAGE_CATEGORIES, mvtec_ad2_samples
 from tfsearch.errors import InputError
 
-DATASETS = ("mvtec", "visa", "folder", "demo", "demo_real")
+DATASETS = ("mvtec", "visa", "folder", "demo", "demo_real", "mvtec_ad2")
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle",
     "cable",
@@ -63,6 +69,7 @@ VISA_CSV_COLUMNS = ("object", "split", "label", "image", "mask")
 # categories a dataset can hold; None means any sub-folder with train/good (`folder`) or the CSV's (raw VisA)
 _KNOWN_CATEGORIES: dict[str, tuple[str, ...]] = {
     "mvtec": MVTEC_CATEGORIES,
+    "mvtec_ad2": MVTEC_AD2_CATEGORIES,
     "visa": VISA_CATEGORIES,
     "demo": DEMO_CATEGORIES,
     "demo_real": REALISTIC_CATEGORIES,
@@ -75,25 +82,6 @@ _GENERATED_TEXTURES: dict[str, frozenset[str]] = {
     "demo": DEMO_TEXTURES,
     "demo_real": frozenset(REALISTIC_CATEGORIES),
 }
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: Path  # absolute path of the image file
-    mask: Path | None  # ground-truth mask file; None for normal images
-    label: int  # 0 normal, 1 anomalous
-    defect: str  # "good" for normal images, else the defect folder name ("bad" for VisA)
-    image_id: str  # f"{split}/{defect}/{stem}": unique within a category and stable across runs
-
-
-@dataclass(frozen=True)
-class Category:
-    dataset: str
-    name: str
-    root: Path  # category root folder
-    train: tuple[Sample, ...]  # sorted by image_id, all normal
-    test: tuple[Sample, ...]  # sorted by image_id
-    is_texture: bool
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -112,15 +100,21 @@ def list_categories(dataset: str, data_root: Path | None) -> list[str]:
     if dataset == "visa" and _is_raw_visa(root):
         return sorted({row["object"] for row in _read_visa_csv(root)})
     known = _KNOWN_CATEGORIES.get(dataset)
+    # an MVTec AD 2 category is its folder, so that one whose layout is broken gets an error naming the path
     present = [
         folder.name
         for folder in _subfolders(root)
-        if (folder / "train" / "good").is_dir() and (known is None or folder.name in known)
+        if ((folder / "train" / "good").is_dir() or dataset == "mvtec_ad2")
+        and (known is None or folder.name in known)
     ]
     if not present:
         expected = f"{root}/<category>/train/good/"
         if known is not None:
             expected += f" with <category> one of {', '.join(known)}"
+        if dataset == "mvtec_ad2":
+            expected += f", each in the layout {MVTEC_AD2_LAYOUT}"
+            if (root / "train" / "good").is_dir():
+                expected += f" ({root} itself looks like one category: give the folder that holds them)"
         raise InputError(f"no {dataset} categories in --data-root {root}: expected {expected}")
     return present
 
@@ -162,12 +156,16 @@ def load_category(dataset: str, data_root: Path | None, category: str) -> Catego
         root = _GENERATED_ROOTS[dataset]()
     else:
         root = _data_root(dataset, data_root)
-    if dataset == "visa" and _is_raw_visa(root):
+    validation: tuple[Sample, ...] = ()
+    if dataset == "mvtec_ad2":
+        train, validation, test = mvtec_ad2_samples(root / category)
+    elif dataset == "visa" and _is_raw_visa(root):
         train, test = _raw_visa_samples(root, category)
     else:
         train, test = _layout_samples(root / category, mask_suffix="" if dataset == "visa" else "_mask")
     _check_mask_sizes(test)
-    return Category(dataset, category, root / category, train, test, is_texture_category(dataset, category))
+    texture = is_texture_category(dataset, category)
+    return Category(dataset, category, root / category, train, test, texture, validation)
 
 
 def largest_first(dataset: str, data_root: Path | None, categories: Sequence[str]) -> list[str]:
@@ -180,9 +178,12 @@ def largest_first(dataset: str, data_root: Path | None, categories: Sequence[str
 def is_texture_category(dataset: str, category: str) -> bool:
     """Whether anomalies may cover the whole image (a texture) rather than an object's foreground: MVTec's
     textures (and zipper, as the original code has it) and the generated datasets' (every `demo_real`
-    category); VisA and `folder` hold objects."""
+    category), and MVTec AD 2's surface and bulk categories (fabric, rice, walnuts); VisA and `folder` hold
+    objects."""
     if dataset == "mvtec":
         return category in TEXTURE_CATEGORIES
+    if dataset == "mvtec_ad2":
+        return category in WHOLE_IMAGE_CATEGORIES
     return category in _GENERATED_TEXTURES.get(dataset, frozenset())
 
 
@@ -213,28 +214,12 @@ def _check_category(
         return
     where = f" in --data-root {data_root}" if data_root is not None else ""
     hint = ""
-    if dataset in ("mvtec", "visa") and data_root is not None and (Path(data_root) / name / "train").is_dir():
+    known = ("mvtec", "mvtec_ad2", "visa")
+    if dataset in known and data_root is not None and (Path(data_root) / name / "train").is_dir():
         hint = f" (use --dataset folder for categories outside {dataset})"
     raise InputError(
         f"unknown {flag} {name!r} for --dataset {dataset}{where}; "
         f"valid categories: {', '.join(available)}{hint}"
-    )
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(entry for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """Image files of a folder, sorted; hidden files (e.g. macOS `._x.png` sidecars) are skipped."""
-    if not folder.is_dir():
-        return []
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith(".") and entry.is_file()
     )
 
 
@@ -249,8 +234,7 @@ def _layout_samples(category_root: Path, mask_suffix: str) -> tuple[tuple[Sample
     train_dir = category_root / "train" / "good"
     train = [Sample(path, None, 0, "good", f"train/good/{path.stem}") for path in _image_files(train_dir)]
     if not train:
-        extensions = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
-        raise InputError(f"no training images in {train_dir}: expected {extensions} files")
+        raise InputError(f"no training images in {train_dir}: expected {extensions_text()} files")
     test = []
     for defect_dir in _subfolders(category_root / "test"):
         defect = defect_dir.name
@@ -332,29 +316,6 @@ def _raw_visa_samples(root: Path, category: str) -> tuple[tuple[Sample, ...], tu
     return _sorted_by_id(splits["train"], csv_path), _sorted_by_id(splits["test"], csv_path)
 
 
-def _sorted_by_id(samples: list[Sample], source: Path) -> tuple[Sample, ...]:
-    ordered = sorted(samples, key=lambda sample: sample.image_id)
-    for before, after in pairwise(ordered):
-        if before.image_id == after.image_id:
-            raise InputError(
-                f"{before.image} and {after.image} (from {source}) share the image id {before.image_id!r}: "
-                "file names must be unique without their extension"
-            )
-    return tuple(ordered)
-
-
-def _check_mask_sizes(samples: Sequence[Sample]) -> None:
-    for sample in samples:
-        if sample.mask is None:
-            continue
-        image_size, mask_size = header_size(sample.image), header_size(sample.mask)
-        if image_size != mask_size:
-            raise InputError(
-                f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} is "
-                f"{image_size[0]}x{image_size[1]}: expected equal sizes"
-            )
-
-
 # ------------------------------------------------------------------------------------------ decoding
 
 
@@ -385,6 +346,7 @@ def load_masks(samples: Sequence[Sample], size: int) -> np.ndarray:
 __all__ = [
     "DATASETS",
     "GENERATED_DATASETS",
+    "MVTEC_AD2_CATEGORIES",
     "MVTEC_CATEGORIES",
     "TEXTURE_CATEGORIES",
     "VISA_CATEGORIES",

@@ -22,6 +22,12 @@ configuration): by default the one that maximises the image-level F1 score, or w
 the lowest one whose false-positive rate stays at most F. It is placed halfway between the lowest score it
 labels anomalous and the highest score below that, so that the labels of the selection data do not hinge on
 the float rounding of a recomputed map. An image is anomalous when its score is at or above the threshold.
+
+The manifest also holds a pixel threshold, `segmentation_threshold`, that binarises the maps (a pixel is
+anomalous when its score is strictly above it; MVTec AD 2's thresholded submission masks and its SegF1):
+mean + 3·std of the normal images' pixels of the validation maps at the selected configuration
+(`tfsearch.maps.segmentation`), or, for a run without validation data (the oracle protocol), of the test
+set's normal images; its `split` says which.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import fuse
 from tfsearch.maps.metrics import image_scores
+from tfsearch.maps.segmentation import milestone_seg_threshold
 from tfsearch.store.atomic import atomic_folder, atomic_write, atomic_write_json
 from tfsearch.store.run_folder import SELECTED_FILE, now
 from tfsearch.transfusion.unet import TransFusionUNet, count_parameters
@@ -128,9 +135,11 @@ def export_category(
     source = TrainingRun(run, config, selected.category, selected.model)
     job = source.load_job()
     split = "val" if selected.protocol == "val" else "test"
-    maps = read_map_set(source.maps(selected.epoch, split))
+    maps_dir = source.maps(selected.epoch, split)
+    maps = read_map_set(maps_dir)
     fused = fuse(maps.m_disc, maps.m_recon, selected.lam, selected.kernel)
     threshold = {**choose_threshold(image_scores(fused), maps.labels, at_fpr), "split": split}
+    segmentation = milestone_seg_threshold(maps_dir, selected.lam, selected.kernel)
 
     state, weights_source = source.model_state(selected.epoch)
     model = TransFusionUNet(job.profile)
@@ -161,6 +170,7 @@ def export_category(
             "profile": job.profile.to_dict(),
         },
         "threshold": {k: _json_number(v) for k, v in threshold.items()},
+        "segmentation_threshold": {k: _json_number(v) for k, v in segmentation.items()},
         "weights": {
             "file": WEIGHTS_FILE,
             "sha256": hashlib.sha256(weights).hexdigest(),

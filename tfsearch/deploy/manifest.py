@@ -237,6 +237,11 @@ def check_manifest_values(manifest: dict, path: Path) -> None:
         raise InputError(f"{path} model.lam is {model['lam']!r}: expected a number from 0 to 1")
     if not _is_number(manifest["threshold"]["value"]):
         raise InputError(f"{path} threshold.value is {manifest['threshold']['value']!r}: expected a number")
+    segmentation = manifest.get("segmentation_threshold")  # optional: exports before MVTec AD 2 lack it
+    if segmentation is not None and not (
+        isinstance(segmentation, dict) and _is_number(segmentation.get("value"))
+    ):
+        raise InputError(f"{path} segmentation_threshold is {segmentation!r}: expected {{value: a number}}")
     if not isinstance(manifest["weights"]["sha256"], str):
         raise InputError(f"{path} weights.sha256 is {manifest['weights']['sha256']!r}: expected a hex digest")
     if not isinstance(model["profile"], dict):

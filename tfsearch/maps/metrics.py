@@ -24,6 +24,14 @@ algorithms give (up to float rounding of sums, ~1e-15):
   limit, divided by the limit). Dropping the points inside a run of normal pixels changes nothing: PRO is
   constant along such a run, so its trapezoids and an interpolation at the limit inside it give the same area.
 
+MVTec AD 2's metrics (docs/mvtec-ad2.md) come beside them (`evaluate(extended=True)`, the default):
+
+- `aupro_05`: the AUPRO above integrated to FPR 0.05 instead of 0.3, normalised by 0.05;
+- `seg_f1`: the segmentation F1 of the maps binarised at one threshold (a pixel is anomalous when its score
+  is strictly above it): 2·TP / (2·TP + FP + FN), the pixels of every image of the set pooled. The threshold
+  is chosen without test labels: `segmentation_threshold`, mean + 3·std of every pixel of the normal images
+  of the validation data (the baseline MVTec's submission check suggests).
+
 A metric that is undefined for the ground truth (no defect image, no normal image, no normal pixel) is NaN;
 `GroundTruth.undefined_reasons` says why, for reports.
 """
@@ -40,7 +48,15 @@ from scipy import ndimage
 from tfsearch.errors import InputError
 
 METRIC_NAMES = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
+# MVTec AD 2's: AUPRO to FPR 0.05, SegF1 at a threshold chosen without test labels (`evaluate(extended=True)`)
+EXTRA_METRIC_NAMES = ("aupro_05", "seg_f1")
+EXTENDED_METRIC_NAMES = (*METRIC_NAMES, *EXTRA_METRIC_NAMES)
+# what MVTec AD 2 reports (AU-PRO at 0.05 and 0.3, SegF1), with image AUROC beside them
+MVTEC_AD2_METRIC_NAMES = ("image_auroc", "aupro_05", "aupro", "seg_f1")
 PRO_LIMIT = 0.3
+PRO_LIMIT_LOW = 0.05
+# the SegF1 threshold: mean + SEG_THRESHOLD_SIGMAS x std of the normal validation pixels
+SEG_THRESHOLD_SIGMAS = 3.0
 # 8-connectivity for ground-truth regions, as MVTec's evaluation code labels them
 _REGION_STRUCTURE = np.ones((3, 3), dtype=int)
 
@@ -90,16 +106,20 @@ class GroundTruth:
     def n_defect_pixels(self) -> int:
         return int(self.defect_index.size)
 
-    def undefined_reasons(self) -> dict[str, str]:
-        """Metric name -> why it is undefined (NaN) for this ground truth; empty when all are defined."""
+    def undefined_reasons(self, extended: bool = False) -> dict[str, str]:
+        """Metric name -> why it is undefined (NaN) for this ground truth; empty when all are defined.
+        `extended` adds MVTec AD 2's metrics (SegF1 is also undefined without a threshold, which the
+        ground truth cannot tell)."""
         reasons: dict[str, str] = {}
         n_anomalous = int(self.image_labels.sum())
         if n_anomalous == 0:
-            reasons = dict.fromkeys(METRIC_NAMES, "no anomalous image")
+            reasons = dict.fromkeys(EXTENDED_METRIC_NAMES if extended else METRIC_NAMES, "no anomalous image")
         elif n_anomalous == len(self.image_labels):
             reasons["image_auroc"] = "no normal image"
         if n_anomalous and self.n_normal_pixels == 0:
             reasons["aupro"] = reasons["pixel_auroc"] = "no normal pixel"
+            if extended:
+                reasons["aupro_05"] = "no normal pixel"
         return reasons
 
 
@@ -256,19 +276,67 @@ def pixel_f1_max(gt: GroundTruth, maps: np.ndarray) -> float:
     return _pixel_curve(gt, _checked_maps(gt, maps)[0]).f1_max()
 
 
-def evaluate(gt: GroundTruth, maps: np.ndarray, *, limit: float = PRO_LIMIT) -> dict[str, float]:
-    """All metrics of one fused map stack (N, H, W) against `gt`, keyed by `METRIC_NAMES`; undefined ones
-    are NaN. One value sort of all pixels (plus a sort of the defect pixels) serves every pixel metric."""
+def evaluate(
+    gt: GroundTruth,
+    maps: np.ndarray,
+    *,
+    limit: float = PRO_LIMIT,
+    extended: bool = True,
+    seg_threshold: float | None = None,
+) -> dict[str, float]:
+    """All metrics of one fused map stack (N, H, W) against `gt`, keyed by `EXTENDED_METRIC_NAMES` (the
+    paper's `METRIC_NAMES` alone with `extended=False`); undefined ones are NaN. SegF1 binarises at
+    `seg_threshold`, by default `segmentation_threshold` of the stack's own normal images: right for
+    validation data, the oracle's choice on a test set (pass the validation threshold there, or NaN). One
+    value sort of all pixels (and one of the defect pixels) serves every pixel metric."""
     _check_limit(limit)
     maps, per_image = _checked_maps(gt, maps)
     pixels = _pixel_curve(gt, maps)
-    return {
+    values = {
         "image_auroc": _RankedCurve.build(np.sort(per_image), per_image[gt.image_labels]).auroc(),
         "aupro": pixels.aupro(gt.n_regions, limit),
         "pixel_auroc": pixels.auroc(),
         "pixel_ap": pixels.average_precision(),
         "pixel_f1_max": pixels.f1_max(),
     }
+    if extended:
+        values["aupro_05"] = pixels.aupro(gt.n_regions, PRO_LIMIT_LOW)
+        if seg_threshold is None:
+            seg_threshold = segmentation_threshold(maps, ~gt.image_labels)
+        values["seg_f1"] = _seg_f1(gt, maps, seg_threshold)
+    return values
+
+
+def segmentation_threshold(maps: np.ndarray, normal: np.ndarray | None = None) -> float:
+    """The SegF1 threshold: mean + 3·std (population, ddof 0, in float64) of every pixel of the maps of the
+    normal images (`normal`, bool per image; default every image). NaN when there is no normal image."""
+    maps = _real_scores(maps, "maps")
+    chosen = [maps[i] for i in range(len(maps)) if normal is None or bool(normal[i])]
+    if not chosen or sum(m.size for m in chosen) == 0:
+        return math.nan
+    # per image its mean and sum of squared deviations, combined exactly (Chan et al.'s pairwise update)
+    sizes = np.array([m.size for m in chosen], dtype=np.float64)
+    means = np.array([m.mean(dtype=np.float64) for m in chosen])
+    squares = np.array([m.var(dtype=np.float64) for m in chosen]) * sizes
+    mean = float(np.dot(sizes, means) / sizes.sum())
+    variance = float((squares.sum() + np.dot(sizes, (means - mean) ** 2)) / sizes.sum())
+    if not (math.isfinite(mean) and math.isfinite(variance)):
+        raise InputError("maps contain NaN or inf: expected finite anomaly scores")
+    return mean + SEG_THRESHOLD_SIGMAS * math.sqrt(variance)
+
+
+def seg_f1(gt: GroundTruth, maps: np.ndarray, threshold: float) -> float:
+    """MVTec AD 2's SegF1: F1 of the pixels scoring strictly above `threshold` against the defect pixels,
+    every image's pixels pooled; NaN without a defect pixel or a (finite) threshold."""
+    return _seg_f1(gt, _checked_maps(gt, maps)[0], threshold)
+
+
+def _seg_f1(gt: GroundTruth, maps: np.ndarray, threshold: float) -> float:
+    if gt.n_defect_pixels == 0 or not math.isfinite(threshold):
+        return math.nan
+    predicted = int(np.count_nonzero(maps > threshold))
+    hits = int(np.count_nonzero(maps.ravel()[gt.defect_index] > threshold))
+    return 2 * hits / (predicted + gt.n_defect_pixels)
 
 
 def per_kind(masks: np.ndarray, maps: np.ndarray, kinds: Sequence[str]) -> dict[str, dict[str, float | int]]:

@@ -15,6 +15,12 @@ many pixels tie and the curves are coarser; the command warns about it.
 The metrics are `tfsearch.maps.metrics.evaluate` (image AUROC from each map's maximum, AUPRO to `--limit`,
 pixel AUROC, AP and F1-max). A category without an anomalous test image is reported with "undefined" metrics
 and the reason, and the other categories are still scored.
+
+MVTec AD 2 (`--dataset mvtec_ad2`): the maps of the public test set lie at `MAPS/<category>/test_public/
+{good,bad}/<name>.tiff` (float16 TIFFs, as a submission stores them, are read too), and MVTec AD 2's metrics
+come beside the others: AUPRO to FPR 0.05 and SegF1. SegF1's threshold is set on maps of the validation
+images, `MAPS/<category>/validation/good/<name>.tiff` (mean + 3·std of their pixels,
+`tfsearch.maps.metrics.segmentation_threshold`), never on the test set: without them SegF1 is undefined.
 """
 
 from __future__ import annotations
@@ -25,14 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from tfsearch.data.datasets import Sample, list_categories, load_category, load_masks, resolve_categories
-from tfsearch.data.images import load_mask
+from tfsearch.data.images import header_size, load_mask
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import METRIC_NAMES, PRO_LIMIT, GroundTruth, evaluate
+from tfsearch.maps.metrics import (
+    EXTRA_METRIC_NAMES,
+    METRIC_NAMES,
+    PRO_LIMIT,
+    GroundTruth,
+    evaluate,
+    segmentation_threshold,
+)
 
-SCORE_DATASETS = ("mvtec", "visa", "folder")
+SCORE_DATASETS = ("mvtec", "visa", "folder", "mvtec_ad2")
+# datasets scored with MVTec AD 2's metrics too, SegF1's threshold set on the maps of their validation images
+EXTENDED_DATASETS = ("mvtec_ad2",)
 MAP_EXTENSIONS = (".tiff", ".tif", ".npy", ".png")
 TRANSFUSION_SIZE = 256
 
@@ -58,11 +74,14 @@ def score_category(
 ) -> CategoryScore:
     """Metrics of the maps in `maps_root/category` against the category's test ground truth, at each
     mask's own size (`size` None) or at size×size."""
-    samples = load_category(dataset, dataset_root, category).test
+    loaded = load_category(dataset, dataset_root, category)
+    samples = loaded.test
     map_folder = maps_root / category
     if not samples:
         raise InputError(f"category {category!r} in {dataset_root} has no test images to score")
-    _check_no_extra_maps(map_folder, {sample.image_id for sample in samples}, category, dataset_root)
+    extended = dataset in EXTENDED_DATASETS
+    known = {sample.image_id for sample in (*samples, *(loaded.validation if extended else ()))}
+    _check_no_extra_maps(map_folder, known, category, dataset_root)
     shape = (size, size) if size is not None else _native_shape(samples, category)
     maps = np.empty((len(samples), *shape), dtype=np.float32)
     resized = eight_bit = 0
@@ -76,15 +95,49 @@ def score_category(
     else:
         masks = load_masks(samples, size)
     gt = GroundTruth.from_masks(masks)
+    undefined = gt.undefined_reasons(extended)
+    threshold = math.nan  # SegF1 only from validation maps, never on the test set's own normal images
+    if extended:
+        threshold = _validation_threshold(map_folder, loaded.validation, size)
+        if math.isnan(threshold):
+            undefined.setdefault(
+                "seg_f1", f"no validation maps ({map_folder}/validation/good/<name>.tiff) set its threshold"
+            )
     return CategoryScore(
-        metrics=evaluate(gt, maps, limit=limit),
-        undefined=gt.undefined_reasons(),
+        metrics=evaluate(gt, maps, limit=limit, extended=extended, seg_threshold=threshold),
+        undefined=undefined,
         images=len(samples),
         anomalous=int(gt.image_labels.sum()),
         shape=shape,
         resized=resized if size is None else 0,
         eight_bit=eight_bit,
     )
+
+
+def _validation_threshold(map_folder: Path, validation: Sequence[Sample], size: int | None) -> float:
+    """SegF1's threshold from the maps of every validation image (each at its image's own size, or size×size),
+    or NaN when there are none; some but not all of them is an error."""
+    if not validation:
+        return math.nan
+    paths = [_find_map(map_folder, sample.image_id) for sample in validation]
+    if not any(paths):
+        return math.nan
+    if not all(paths):
+        missing = next(s for s, p in zip(validation, paths, strict=True) if p is None)
+        raise InputError(
+            f"validation image {missing.image} has no anomaly map ({map_folder / missing.image_id}.tiff), "
+            "but others have: give a map for every validation image (they set SegF1's threshold) or for none"
+        )
+    maps = []
+    for sample, path in zip(validation, paths, strict=True):
+        width, height = header_size(sample.image)
+        maps.append(_resized(read_map(path).astype(np.float32), (size, size) if size else (height, width)))
+    return segmentation_threshold(np.stack(maps) if size else _ragged(maps))
+
+
+def _ragged(maps: list[np.ndarray]) -> np.ndarray:
+    """Maps of different sizes as one (1, total, 1) stack: the threshold pools their pixels either way."""
+    return np.concatenate([m.ravel() for m in maps])[None, :, None]
 
 
 def _native_shape(samples: Sequence[Sample], category: str) -> tuple[int, int]:
@@ -114,10 +167,12 @@ def read_map(path: Path) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            array = tifffile.imread(path)  # float16 too (a submission's), which PIL cannot read
         else:
             with Image.open(path) as image:
                 array = np.array(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError, tifffile.TiffFileError) as exc:
         raise InputError(f"cannot read anomaly map {path}: {exc}") from exc
     if array.ndim != 2:
         raise InputError(f"anomaly map {path} has shape {array.shape}: expected one 2-D map (height, width)")
@@ -132,6 +187,14 @@ def _resized(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if array.shape == shape:
         return array
     return np.asarray(Image.fromarray(array).resize(shape[::-1], Image.Resampling.BILINEAR))
+
+
+def _find_map(map_folder: Path, image_id: str) -> Path | None:
+    found = [path for path in (map_folder / f"{image_id}{ext}" for ext in MAP_EXTENSIONS) if path.is_file()]
+    if len(found) > 1:
+        listed = ", ".join(map(str, found))
+        raise InputError(f"image {image_id} has several anomaly maps ({listed}): keep one")
+    return found[0] if found else None
 
 
 def _map_path(map_folder: Path, image_id: str, image: Path) -> Path:
@@ -221,9 +284,10 @@ def scores_json(
     size: int | None,
 ) -> dict:
     """What `tfsearch score --json` prints: the metrics in [0, 1] (null where undefined) and the inputs."""
+    names, mean = _with_extras(scores, mean)
 
     def values(metrics: dict[str, float]) -> dict[str, float | None]:
-        return {name: None if math.isnan(metrics[name]) else metrics[name] for name in METRIC_NAMES}
+        return {name: None if math.isnan(metrics[name]) else metrics[name] for name in names}
 
     return {
         "dataset": dataset,
@@ -257,19 +321,20 @@ def scores_table(
     size: int | None,
 ) -> str:
     """What `tfsearch score` prints: one row per category in %, the mean, and why a metric is undefined."""
-    columns = {metric: max(len(metric), len("undefined")) + 2 for metric in METRIC_NAMES}
+    names, mean = _with_extras(scores, mean)
+    columns = {metric: max(len(metric), len("undefined")) + 2 for metric in names}
 
     def cells(metrics: dict[str, float]) -> str:
         return "".join(
             f"{'undefined' if math.isnan(metrics[m]) else f'{100 * metrics[m]:.2f}':>{columns[m]}}"
-            for m in METRIC_NAMES
+            for m in names
         )
 
     width = max(len("category"), *(len(name) for name in scores))
     lines = [
         f"{dataset} maps in {maps}: metrics in %, AUPRO to FPR {limit}, "
         + (f"scored at {size}x{size}" if size else "scored at each mask's own size"),
-        f"{'category':<{width}}  images  anomalous" + "".join(f"{m:>{columns[m]}}" for m in METRIC_NAMES),
+        f"{'category':<{width}}  images  anomalous" + "".join(f"{m:>{columns[m]}}" for m in names),
     ]
     lines += [
         f"{name:<{width}}  {s.images:>6}  {s.anomalous:>9}{cells(s.metrics)}" for name, s in scores.items()
@@ -277,6 +342,22 @@ def scores_table(
     lines.append(f"{'mean':<{width}}  {'':>6}  {'':>9}{cells(mean)}")
     for name, s in scores.items():
         for reason in sorted(set(s.undefined.values())):
-            metrics = ", ".join(m for m in METRIC_NAMES if s.undefined.get(m) == reason)
+            metrics = ", ".join(m for m in names if s.undefined.get(m) == reason)
             lines.append(f"{name}: {metrics} undefined: {reason}")
     return "\n".join(lines)
+
+
+def _with_extras(
+    scores: dict[str, CategoryScore], mean: dict[str, float]
+) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The metrics to show (MVTec AD 2's after the paper's, where some category has them) and their means
+    (a mean the caller did not compute is the unweighted mean over the categories that define it)."""
+    extras = tuple(m for m in EXTRA_METRIC_NAMES if any(m in s.metrics for s in scores.values()))
+    filled = dict(mean)
+    for name in extras:
+        if name not in filled:
+            filled[name] = category_mean([s.metrics.get(name, math.nan) for s in scores.values()])
+    for s in scores.values():
+        for name in extras:
+            s.metrics.setdefault(name, math.nan)
+    return (*METRIC_NAMES, *extras), filled

@@ -4,7 +4,8 @@ From one or more run folders (`tfsearch run` writes them) it builds, per dataset
 every run of the dataset:
 
 1. the paper tables: AUPRO of the single configuration (supplementary Tables 1-2) and image AUROC tuned per
-   class (Tables 3-4; the `per_class_epochs` runs first), in the supplement's shape;
+   class (Tables 3-4; the `per_class_epochs` runs first), in the supplement's shape; for MVTec AD 2, whose
+   TransFusion results are unpublished, a table per MVTec AD 2 metric instead (`ad2_tables`);
 2. wide tables with every metric, one column per published source and its Δ (extra outputs);
 3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
 4. each run's `importance.csv`, and the last training milestone of every training run; for a run with
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from tfsearch.errors import InputError
 from tfsearch.infra.tracking import check_mode
+from tfsearch.report.ad2_tables import ad2_tables
 from tfsearch.report.figures import AXES, Curve, caption, curves_frame, sensitivity_curves, sensitivity_figure
 from tfsearch.report.kinds import per_kind_tables
 from tfsearch.report.latex import table_latex
@@ -83,6 +85,7 @@ def build_report(
     distinct_names(runs)
     comparison: list[dict] = []
     tables = paper_tables(runs, published, comparison, compare_anyway)
+    tables += ad2_tables(runs)
     tables += wide_tables(runs, published, comparison, compare_anyway)
     tables += seed_tables(runs) + protocol_tables(runs) + importance_tables(runs)
     training = training_table(runs)

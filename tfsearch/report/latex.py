@@ -8,6 +8,9 @@ keep the table within `TEXT_WIDTH_PT`, estimated from Computer Modern's 8 pt gly
 within 2 % of what pdflatex sets).
 Each column's best value among ours and the published row is bold.
 
+Each panel's tabular is pandas' (`Styler.to_latex`: booktabs rules, LaTeX escaping, the bold); the panels
+are stacked in one tabular, so that they share its columns, under the caption and the font size.
+
 The caption is the table's title and its notes: what the numbers are; what a user could do about a note
 (`Table.advice`) stays in report.md.
 """
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import math
 import re
+
+import numpy as np
+import pandas as pd
 
 from tfsearch.report.published import short_source
 from tfsearch.report.tables import Table
@@ -33,9 +39,11 @@ _ROMAN = dict(zip("abcdefghijklmnopqrstuvwxyz", (
 }  # fmt: skip
 UPPER, WIDE = 0.84, 0.9
 BOLD = 1.16  # cmbx8 against cmr8
+BOLD_PROPS = "textbf:--rwrap;"  # Styler's LaTeX for a bold cell: \\textbf{value}
+_SYMBOLS = {"λ": r"$\lambda$", "Δ": r"$\Delta$", "−": "$-$", "±": r"$\pm$", "…": r"\dots{}", "·": r"$\cdot$"}
+# the caption is outside the Styler: these are the characters `Styler.format(escape="latex")` escapes
 _ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
-_SYMBOLS = {"λ": r"$\lambda$", "Δ": r"$\Delta$", "−": "$-$", "±": r"$\pm$", "…": r"\dots{}"}
 
 
 def text_width(text: str, bold: bool = False) -> float:
@@ -44,54 +52,50 @@ def text_width(text: str, bold: bool = False) -> float:
     return em * FONT_PT * (BOLD if bold else 1.0)
 
 
-def escape(text: str) -> str:
-    """Text for LaTeX: its special characters escaped, λ, Δ, − and ± as LaTeX writes them."""
-    text = "".join(_ESCAPES.get(c, c) for c in str(text))
+def _symbols(text: str) -> str:
+    """λ, Δ, −, ± and … as LaTeX writes them, in text already escaped."""
     for symbol, command in _SYMBOLS.items():
         text = text.replace(symbol, command)
     return text
 
 
-def _cells(table: Table) -> dict[str, list[str]]:
-    """Each row's cells as shown (one decimal, Δ with its sign, a minus sign rather than a hyphen), NaN as
-    an empty cell."""
-    frame = table.frame
-    shown = {}
-    for row in frame.index:
-        spec = table.row_formats.get(row)
-        shown[row] = [
+def escape(text: str) -> str:
+    """Text outside the Styler (the caption) for LaTeX, escaped as `Styler.format(escape="latex")` would."""
+    return _symbols("".join(_ESCAPES.get(c, c) for c in str(text)))
+
+
+def _shown(table: Table) -> pd.DataFrame:
+    """Each cell as shown (one decimal, Δ with its sign, a minus sign rather than a hyphen), NaN as an empty
+    cell; the rows by their short labels (`supp. Table 2`)."""
+    frame = table.frame.astype(float)
+    cells = [
+        [
             ""
             if math.isnan(value)
-            else (spec or table.formats.get(column, "{}")).format(value).replace("-", "−")
-            for column, value in zip(frame.columns, frame.loc[row].astype(float), strict=True)
+            else (table.row_formats.get(row) or table.formats.get(column, "{}")).format(value)
+            for column, value in frame.loc[row].items()
         ]
-    return shown
+        for row in frame.index
+    ]
+    shown = pd.DataFrame(cells, index=[short_source(r) for r in frame.index], columns=frame.columns.map(str))
+    return shown.replace("-", "−", regex=True)
 
 
-def _bold(table: Table, shown: dict[str, list[str]]) -> set[tuple[str, int]]:
-    """(row, column) of each column's best value as shown among `best_rows` (ties all bold)."""
-    best = set()
-    rows = [r for r in table.best_rows if r in shown]
-    for index in range(len(table.frame.columns)):
-        values = {r: float(shown[r][index].replace("−", "-")) for r in rows if shown[r][index]}
-        if len(values) > 1:
-            top = max(values.values())
-            best |= {(r, index) for r, v in values.items() if v == top}
-    return best
-
-
-def _label(row: str) -> str:
-    return short_source(row)
+def _best(cells: pd.DataFrame) -> np.ndarray:
+    """For `Styler.apply`: each column's best value as shown bold, where there are two or more (ties all
+    bold)."""
+    values = cells.apply(lambda column: pd.to_numeric(column.str.replace("−", "-"), errors="coerce"))
+    return np.where(values.eq(values.max()) & (values.count() > 1), BOLD_PROPS, "")
 
 
 def panels(table: Table) -> list[list[int]]:
     """The column indices of each panel: as few panels as keep the table within TEXT_WIDTH_PT."""
-    shown = _cells(table)
-    headers = [str(c) for c in table.frame.columns]
-    label = max(text_width(_label(r)) for r in shown) + TABCOLSEP_PT
+    shown = _shown(table)
+    headers = list(shown.columns)
+    label = max(text_width(r) for r in shown.index) + TABCOLSEP_PT
 
     def width(index: int) -> float:
-        cells = [text_width(cells[index], bold=True) for cells in shown.values()]
+        cells = [text_width(cell, bold=True) for cell in shown.iloc[:, index]]
         return max([text_width(headers[index]), *cells]) + 2 * TABCOLSEP_PT
 
     widths = [width(i) for i in range(len(headers))]
@@ -107,26 +111,30 @@ def panels(table: Table) -> list[list[int]]:
     return chunks
 
 
+def _panel(shown: pd.DataFrame, best: list[str]) -> str:
+    """One panel's booktabs tabular through `Styler.to_latex`, each column's best of the `best` rows bold."""
+    styler = (
+        shown.style.format(_symbols, escape="latex")
+        .format_index(_symbols, escape="latex", axis="index")
+        .format_index(_symbols, escape="latex", axis="columns")
+    )
+    if best:
+        styler = styler.apply(_best, axis=None, subset=pd.IndexSlice[best, :])
+    return styler.to_latex(hrules=True, column_format=f"@{{}}l{'r' * len(shown.columns)}@{{}}")
+
+
 def table_latex(table: Table) -> str:
     """A booktabs `table` at 8 pt (`\\usepackage{booktabs}`), in panels where one row of columns would be
     wider than a one-column page; in each column the best of ours and the published value is bold."""
-    shown = _cells(table)
-    bold = _bold(table, shown)
-    chunks = panels(table)
-    widest = max(len(chunk) for chunk in chunks)
-    lines = [r"\toprule"]
-    for number, chunk in enumerate(chunks):
-        if number:
-            lines.append(r"\midrule[\heavyrulewidth]")
-        padding = " &" * (widest - len(chunk))
-        header = " & ".join(escape(table.frame.columns[i]) for i in chunk)
-        lines += [f" & {header}{padding} \\\\", r"\midrule"]
-        for row, cells in shown.items():
-            values = [
-                rf"\textbf{{{escape(cells[i])}}}" if (row, i) in bold else escape(cells[i]) for i in chunk
-            ]
-            lines.append(f"{escape(_label(row))} & {' & '.join(values)}{padding} \\\\")
-    lines.append(r"\bottomrule")
+    shown = _shown(table)
+    best = [r for r in dict.fromkeys(map(short_source, table.best_rows)) if r in shown.index]
+    tabulars = [_panel(shown.iloc[:, chunk], best).splitlines() for chunk in panels(table)]
+    # one tabular of the panels' rows (the first panel is the widest), a heavy rule between two panels
+    rows = [r"\toprule"]
+    for number, lines in enumerate(tabulars):
+        rows += [r"\midrule[\heavyrulewidth]"] * bool(number)
+        rows += lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
+    rows += [r"\bottomrule", r"\end{tabular}"]
     caption = " ".join([table.title + ".", *table.notes]).replace("`", "")
     label = re.sub(r"[^A-Za-z0-9:_-]", "-", table.key)
     return "\n".join(
@@ -138,9 +146,8 @@ def table_latex(table: Table) -> str:
             f"\\label{{tab:{label}}}",
             f"\\fontsize{{{FONT_PT:g}}}{{{LEADING_PT:g}}}\\selectfont",
             f"\\setlength{{\\tabcolsep}}{{{TABCOLSEP_PT:g}pt}}",
-            f"\\begin{{tabular}}{{@{{}}l{'r' * widest}@{{}}}}",
-            *lines,
-            r"\end{tabular}",
+            tabulars[0][0],  # \begin{tabular}{@{}lrr…r@{}}
+            *rows,
             r"\end{table}",
             "",
         ]

@@ -10,6 +10,7 @@ import math
 
 import pandas as pd
 
+from tfsearch.report.ad2_tables import AD2_DATASET
 from tfsearch.report.published import (
     PER_CLASS_EPOCHS,
     SINGLE_CONFIG,
@@ -142,9 +143,11 @@ def paper_tables(
     runs: list[RunResults], published: PublishedNumbers, comparison: list[dict], compare_anyway: bool
 ) -> list[Table]:
     """Per dataset: the AUPRO table of the single configuration and the image AUROC table tuned per class,
-    each with a row per run of the dataset."""
+    each with a row per run of the dataset; MVTec AD 2 has its own tables (`ad2_tables`)."""
     tables = []
     for dataset in dict.fromkeys(run.dataset for run in runs):
+        if dataset == AD2_DATASET:  # unpublished: its own tables (`tfsearch.report.ad2_tables`)
+            continue
         defaults = dataset_runs(runs, dataset)
         tuned, tuned_notes, tuned_advice = tuned_runs(runs, dataset)
         specs = []

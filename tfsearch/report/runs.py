@@ -12,6 +12,7 @@ import pandas as pd
 
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import map_set_exists
+from tfsearch.maps.metrics import EXTRA_METRIC_NAMES
 from tfsearch.store.run_folder import (
     CONFIG_FIELDS,
     CONFIG_FILE,
@@ -28,11 +29,18 @@ from tfsearch.transfusion.profiles import PROFILES
 from tfsearch.transfusion.protocol import paper_protocol_note
 
 TRIAL_NEEDS = ("category", "stage", "model", "epoch", "lam", "kernel", "split", "image_auroc")
+# selected.csv's columns that a run written before them lacks: read as absent, not as a damaged table
+SELECTED_OPTIONAL = ("selection_value", *(f"test_{m}" for m in EXTRA_METRIC_NAMES))
 SELECTED_NEEDS = (
     "dataset",
     "category",
     "protocol",
-    *(f"{prefix}_{f}" for prefix in ("default", "selected") for f in CONFIG_FIELDS if f != "selection_value"),
+    *(
+        f"{prefix}_{f}"
+        for prefix in ("default", "selected")
+        for f in CONFIG_FIELDS
+        if f not in SELECTED_OPTIONAL
+    ),
 )
 TEXT_COLUMNS = dict.fromkeys(
     ("dataset", "category", "stage", "space", "protocol", "split", "model", "status", "scope", "parameter",

@@ -12,7 +12,8 @@ is validated here, and an error names the file and the key:
     milestones: {every: 50}   # or a list of epochs; default: the profile's grid; its last epoch is always one
     seeds: 1                  # training runs per category, seeds profile seed + 0..K-1; --seeds overrides it
     selection:
-      metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max
+      metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max, or MVTec AD 2's
+                              # aupro_05 (AUPRO to FPR 0.05) | seg_f1 (docs/mvtec-ad2.md)
       sampler: exhaustive     # (default) exhaustive | grid: every candidate; tpe | random: `trials` of them
       # trials: 64            # Optuna trials per study: required by tpe and random, refused by grid and
                               # exhaustive, whose count is milestones x λ values x n values (x models)
@@ -49,7 +50,8 @@ SCOPES = ("single", "per_class", "global")
 SAMPLERS = ("exhaustive", "grid", "tpe", "random")
 ENUMERATED = ("exhaustive", "grid")  # samplers that evaluate every candidate of the space
 SELECTION_KEYS = {"metric", "sampler", "trials", "seed", "lam_points", "all_metrics"}
-METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max")
+# the paper's metrics and MVTec AD 2's (AUPRO to FPR 0.05, SegF1: `tfsearch.maps.metrics`)
+METRICS = ("image_auroc", "aupro", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro_05", "seg_f1")
 TOP_KEYS = {
     "name",
     "description",

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import METRIC_NAMES
+from tfsearch.maps.metrics import EXTENDED_METRIC_NAMES, METRIC_NAMES
 from tfsearch.store.atomic import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -65,7 +65,16 @@ TRIAL_COLUMNS = (
     "images_per_second",
     "loss",
 )
-CONFIG_FIELDS = ("model", "epoch", "lam", "kernel", "selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+# selected.csv's per configuration: the test metrics are the paper's five and MVTec AD 2's AU-PRO to FPR 0.05
+# and SegF1 (`EXTENDED_METRIC_NAMES`; runs written before them lack `*_test_aupro_05` and `*_test_seg_f1`)
+CONFIG_FIELDS = (
+    "model",
+    "epoch",
+    "lam",
+    "kernel",
+    "selection_value",
+    *(f"test_{m}" for m in EXTENDED_METRIC_NAMES),
+)
 SELECTED_COLUMNS = (
     "dataset",
     "category",
@@ -85,7 +94,7 @@ SELECTED_COLUMNS = (
 IMPORTANCE_COLUMNS = ("dataset", "scope", "parameter", "importance", "method")
 # a run with several seeds per category (`--seeds`) adds these columns; a one-seed run's tables are as above
 SEED_COLUMN = "seed"  # trials.csv: the seed of a training row's run (selection rows: the mean over seeds)
-SEED_SPREAD_FIELDS = ("selection_value", *(f"test_{m}" for m in METRIC_NAMES))
+SEED_SPREAD_FIELDS = ("selection_value", *(f"test_{m}" for m in EXTENDED_METRIC_NAMES))
 SELECTED_SEED_COLUMNS = (
     "seeds",  # how many seeds each `default_*`/`selected_*` metric is the mean of
     *(f"{prefix}_{f}_std" for prefix in ("default", "selected") for f in SEED_SPREAD_FIELDS),

@@ -38,9 +38,10 @@ class TrainJob:
     texture_root: Path | None = None
     fg_root: Path | None = None
     restrict_to_foreground: bool = True
-    # selection data: "none", "synthetic" (held-out good training images plus the same images with validation
-    # anomalies unlike training's, see `validation_anomalies`) or "folder" (the test split of CATEGORY in
-    # `val_root`, MVTec layout)
+    # selection data: "none", "synthetic" (held-out good images plus the same images with validation
+    # anomalies unlike training's, see `validation_anomalies`; the held-out images are the dataset's own
+    # validation split where it has one, MVTec AD 2's validation/good, else a share of the training images)
+    # or "folder" (the test split of CATEGORY in `val_root`, MVTec layout)
     validation: str = "none"
     val_root: Path | None = None
     val_fraction: float = 0.1

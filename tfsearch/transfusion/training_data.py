@@ -1,9 +1,15 @@
 """A job's data, decoded once at the start of training and kept on the training device: the training images
-and their foreground masks, the texture bank, and the evaluation sets (test, and the selection data)."""
+and their foreground masks, the texture bank, and the evaluation sets (test, and the selection data).
+
+Synthetic validation (`--select-on val`, `--validation synthetic`) takes its normal images from the dataset's
+own validation split where it ships one (MVTec AD 2's `validation/good`: every image of it, and no training
+image is held out), else from a held-out share of the training images; either way the same images are
+repeated with validation anomalies (`synthetic_validation`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -72,8 +78,8 @@ def synthetic_validation(
         images=torch.cat([images, as_uint8]),
         masks=np.concatenate([np.zeros_like(masks), masks]),
         labels=np.concatenate([np.zeros(count, np.int8), masks.reshape(count, -1).any(1).astype(np.int8)]),
-        image_ids=[i.replace("train/", "val/", 1) for i in ids]
-        + [i.replace("train/good/", "val/synthetic/", 1) for i in ids],
+        image_ids=[f"val/good/{PurePosixPath(i).name}" for i in ids]
+        + [f"val/synthetic/{PurePosixPath(i).name}" for i in ids],
         mask_paths=[None] * (2 * count),
     )
 
@@ -96,7 +102,9 @@ def prepare_data(job: TrainJob, device: torch.device, workers: int = 0) -> Prepa
     foreground = torch.from_numpy(fg).float()[:, None]
     eval_sets = {"test": EvalSet.from_samples(category.test, size, workers)}
     bank = load_texture_bank(job.texture_root, size) if job.texture_root else None
-    if job.validation == "synthetic":
+    if job.validation == "synthetic" and category.validation:
+        eval_sets["val"] = _shipped_validation(job, category, size, workers)
+    elif job.validation == "synthetic":
         val = held_out(len(ids), job.val_fraction, job.profile.seed)
         kept = torch.ones(len(ids), dtype=torch.bool)
         kept[val] = False
@@ -117,3 +125,19 @@ def prepare_data(job: TrainJob, device: torch.device, workers: int = 0) -> Prepa
         eval_sets=eval_sets,
         texture_bank=bank.to(device) if bank is not None else None,
     )
+
+
+def _shipped_validation(job: TrainJob, category: datasets.Category, size: int, workers: int) -> EvalSet:
+    """Synthetic validation on the dataset's own held-out normal images (MVTec AD 2's validation/good).
+    Released foreground masks cover training images only, so an object category's validation anomalies stay
+    on the estimated foreground (or anywhere, with --no-foreground)."""
+    images = datasets.load_images(category.validation, size, workers=workers)
+    ids = [s.image_id for s in category.validation]
+    if job.restrict_to_foreground:
+        fg, _ = foreground_masks(
+            images, is_texture=category.is_texture, fg_root=None, category=category.name, image_ids=ids
+        )
+    else:
+        fg = np.ones(images.shape[:3], dtype=bool)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return synthetic_validation(tensor, torch.from_numpy(fg).float()[:, None], ids, job.profile.seed)

@@ -9,6 +9,12 @@ any λ costs microseconds. Pixel metrics go through `MapFuser`, whose filtered m
 
 With several training seeds per category (`--seeds K`) a candidate is scored on every seed's maps and its
 metrics, hence the objective, are the mean over the seeds (`SeedMeans`).
+
+Every full evaluation also gives MVTec AD 2's metrics (AUPRO to FPR 0.05 and SegF1). SegF1's threshold is
+`segmentation_threshold` of the normal images of the validation maps at the same configuration whenever the
+training run wrote validation maps (`--select-on val`): the selection split's own, and for the test split the
+`val` maps beside it, so no test label sets it. Only a run without validation data (the oracle protocol)
+takes it from the test set's own normal images.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import ImageMaxima, MapFuser, image_maxima, usable_cpus
-from tfsearch.maps.metrics import METRIC_NAMES, GroundTruth, auroc, evaluate
+from tfsearch.maps.metrics import EXTENDED_METRIC_NAMES, GroundTruth, auroc, evaluate, segmentation_threshold
+from tfsearch.maps.segmentation import threshold_maps_dir
 
 # pixels in one milestone's maps from which its image-score points are worth a worker process of their own
 # (one starts in ~0.4 s; 200 maps of 256² take ~0.5 s on one core)
@@ -66,6 +73,8 @@ class CategoryMaps:
         self._fusers: OrderedDict[tuple[str, int], MapFuser] = OrderedDict()
         self._cached = cached_milestones
         self._maxima: dict[tuple[str, int], dict[int, ImageMaxima]] = {}
+        # the validation maps of each milestone that sets SegF1's threshold: (fuser, normal images)
+        self._threshold_maps: dict[tuple[str, int], tuple[MapFuser, np.ndarray] | None] = {}
 
     def _maps_dir(self, model: str, epoch: int) -> Path:
         if (model, epoch) not in self.maps_dirs:
@@ -125,9 +134,27 @@ class CategoryMaps:
         return auroc(self.ground_truth.image_labels, scores)
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        """Every metric of a configuration (the pixel metrics need the full fused maps)."""
+        """Every metric of a configuration (the pixel metrics need the full fused maps), MVTec AD 2's too."""
         fused = self.fuser(candidate.model, candidate.epoch).fuse(candidate.lam, candidate.kernel)
-        return evaluate(self.ground_truth, fused)
+        return evaluate(self.ground_truth, fused, seg_threshold=self.validation_threshold(candidate))
+
+    def validation_threshold(self, candidate: Candidate) -> float | None:
+        """SegF1's threshold for a configuration from the validation maps beside these maps, when the run has
+        them and these are not they (`threshold_maps_dir`); None: these maps' own normal images set it."""
+        key = (candidate.model, candidate.epoch)
+        if key not in self._threshold_maps:
+            source = threshold_maps_dir(self._maps_dir(*key))
+            if source is None:
+                self._threshold_maps[key] = None
+            else:
+                maps = read_map_set(source)
+                normal = ~maps.masks.any(axis=(1, 2))
+                self._threshold_maps[key] = (MapFuser(maps.m_disc, maps.m_recon), normal)
+        found = self._threshold_maps[key]
+        if found is None:
+            return None
+        fuser, normal = found
+        return segmentation_threshold(fuser.fuse(candidate.lam, candidate.kernel), normal)
 
     def candidate_metrics(
         self, candidate: Candidate, metric: str, all_metrics: bool = False
@@ -164,7 +191,7 @@ def std_metrics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
 def _over_runs(runs: dict, reduce, least: int) -> dict[str, float]:
     """Each metric some run has, reduced over the runs that define it (NaN with fewer than `least`)."""
     reduced = {}
-    for name in METRIC_NAMES:
+    for name in EXTENDED_METRIC_NAMES:
         if any(name in m for m in runs.values()):
             values = [m[name] for m in runs.values() if not math.isnan(m.get(name, math.nan))]
             reduced[name] = float(reduce(values)) if len(values) >= least else float("nan")
