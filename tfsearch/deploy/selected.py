@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ import torch
 
 from tfsearch.errors import InputError
 from tfsearch.maps.metrics import METRIC_NAMES
+from tfsearch.store import run_folder
 from tfsearch.store.location import Location
 from tfsearch.store.run_folder import CONFIG_FILE, SELECTED_FILE
 from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, MODEL_STATE_KEY, TrainDir, TrainJob
@@ -199,7 +199,4 @@ def read_config(run: Path) -> dict:
     path = run / CONFIG_FILE
     if not path.is_file():
         raise InputError(f"RUN {run} is not a tfsearch run folder: {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    return run_folder.read_config(run)

@@ -24,6 +24,7 @@ from tfsearch.store.run_folder import (
     TRAIN_FOLDER,
     TRIALS_FILE,
     maps_folder,
+    read_config,
 )
 from tfsearch.transfusion.profiles import PROFILES
 from tfsearch.transfusion.protocol import paper_protocol_note
@@ -196,11 +197,8 @@ def _read_config(path: Path) -> dict:
             f"{path}: not a run folder: config.json is missing (expected a folder written by `tfsearch run`,"
             " e.g. runs/NAME)"
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_path}: not valid JSON ({exc})") from None
-    absent = [k for k in CONFIG_NEEDS if not isinstance(config, dict) or k not in config]
+    config = read_config(path)
+    absent = [k for k in CONFIG_NEEDS if k not in config]
     if absent:
         raise InputError(
             f"{config_path}: keys {absent} are missing (expected the plan `tfsearch run` writes)"

@@ -145,7 +145,11 @@ def read_state(path: Path, what: str) -> object:
     """A JSON state file of a run, or InputError naming it: a run never continues from a guess."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(
+            f"{path}: not valid JSON ({exc}): cannot read {what}; the file may be damaged"
+        ) from None
+    except OSError as exc:
         raise InputError(f"{path}: cannot read {what} ({exc}); the file may be damaged") from None
 
 
