@@ -3,6 +3,10 @@
     python bench/train.py --profile cpu
     python bench/train.py --profile paper --steps 2 --infer-images 2
     python bench/train.py --profile paper --device cuda --precision bf16 --steps 20   # on a GPU
+    python bench/train.py --profile paper --device cuda --precision tf32 --compile --warmup 3
+
+`--precision tf32` is fp32 with TF32 matrix products and convolutions on CUDA; `--compile` trains a
+torch.compile'd network, and `first_step_seconds` (the first warm-up step) then includes the compilation.
 
 Each measurement runs in a fresh subprocess so that its peak memory (max RSS on the CPU,
 torch.cuda.max_memory_allocated on a GPU) is its own. Training steps are real `Trainer.train_step` calls
@@ -34,7 +38,11 @@ def measure(args: argparse.Namespace) -> dict:
     profile = get_profile(args.profile, batch_size=args.batch)
     job = TrainJob(dataset="demo", category=args.category or DEMO_CATEGORIES[0], profile=profile)
     runtime = Runtime(
-        device=args.device, precision=args.precision, progress=False, channels_last=args.channels_last
+        device=args.device,
+        precision=args.precision,
+        progress=False,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
     trainer = Trainer(job, Path(args.scratch), runtime)
     data = trainer._ensure_data()
@@ -50,7 +58,11 @@ def measure(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for i in range(args.warmup):
+    started = time.perf_counter()
+    step(0)
+    sync()
+    first_step_seconds = time.perf_counter() - started
+    for i in range(1, args.warmup):
         step(i)
     sync()
     started = time.perf_counter()
@@ -79,6 +91,8 @@ def measure(args: argparse.Namespace) -> dict:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": args.precision,
         "channels_last": args.channels_last,
+        "compile": args.compile,
+        "first_step_seconds": first_step_seconds,
         "batch": args.batch,
         "image_size": profile.image_size,
         "train_images_per_second": args.steps * args.batch / train_seconds,
@@ -99,6 +113,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="train a torch.compile'd network")
     parser.add_argument("--category", default=None)
     parser.add_argument("--scratch", default="/tmp/tfsearch-bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -702,10 +702,13 @@ def test_an_autoscaling_cluster_starts_gpu_workers_for_every_trial(
     assert sorted((r["category"], r["epoch"]) for r in train_rows) == [
         (c, e) for c in categories for e in "12"
     ]
-    # each trial held a GPU of its own: three worker nodes, started for them, and never the head
+    # each trial held a GPU of a worker node started on demand, never the head. The plan's calibration (a
+    # task holding a trial's GPU) starts the first worker before the trials are submitted, and a trial this
+    # tiny may end before the next worker joins, so a worker may hold two trials one after the other
     workers = {node for node, is_head in cluster.raylets().items() if not is_head}
     placed = {r["category"]: r["node_id"] for r in train_rows}
-    assert len(set(placed.values())) == 3 and set(placed.values()) <= workers and head not in placed.values()
+    assert len(workers) >= 2 and set(placed.values()) <= workers and head not in placed.values()
+    assert "[plan] calibration" in output  # measured on a worker: the head has no GPU
     # the trials said that they trained on the CPU of a node whose GPU torch cannot see
     assert "on the CPU: GPU held without CUDA" in output
     selected = read_rows(run / "selected.csv")

@@ -26,23 +26,38 @@ from tfsearch.store.lock import run_lock
 from tfsearch.transfusion.job import TrainDir
 from tfsearch.transfusion.trainer import Trainer, train
 
-ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 4
 
 
-def tiny_per_class(folder: Path) -> Path:
-    """The built-in per_class space (TPE, its trials, λ range and n choices) on the tests' tiny network."""
-    payload = yaml.safe_load((ROOT / "search_spaces" / "per_class.yaml").read_text())
-    payload["profile"] = TINY["profile"]
-    payload["profile_overrides"] = {**TINY["profile_overrides"], "epochs": EPOCHS}
-    payload["selection"] = {**payload["selection"], "all_metrics": True}  # slower candidates: time to stop
-    path = folder / "per_class.yaml"
+def tiny_sampled(folder: Path) -> Path:
+    """A per-class TPE space (64 candidates over epoch, λ and n) on the tests' tiny network: a sampled study
+    cut short is drawn again from the start on --resume, which these tests check."""
+    payload = {
+        "name": "sampled",
+        "scope": "per_class",
+        "profile": TINY["profile"],
+        "profile_overrides": {**TINY["profile_overrides"], "epochs": EPOCHS},
+        # every metric per candidate: slower candidates, time to stop the selection
+        "selection": {
+            "metric": "image_auroc",
+            "sampler": "tpe",
+            "trials": 64,
+            "seed": 0,
+            "all_metrics": True,
+        },
+        "params": {
+            "epoch": "milestones",
+            "lam": {"low": 0.5, "high": 1.0},
+            "kernel": {"choices": [1, 3, 5, 7, 9, 11, 15]},
+        },
+    }
+    path = folder / "sampled.yaml"
     path.write_text(yaml.safe_dump(payload))
     return path
 
 
 def arguments(root: Path, data_root: Path, name: str) -> list[str]:
-    return run_args(tiny_per_class(root), root / "runs", data_root, name, "--categories", "stripes")
+    return run_args(tiny_sampled(root), root / "runs", data_root, name, "--categories", "stripes")
 
 
 def results(run: Path) -> tuple[list[dict], list[dict]]:
@@ -68,7 +83,7 @@ def selection_started(run: Path) -> bool:
         return False
     try:
         study = optuna.load_study(
-            study_name="per_class/demo/stripes", storage=f"sqlite:///{run / 'studies.db'}"
+            study_name="sampled/demo/stripes", storage=f"sqlite:///{run / 'studies.db'}"
         )
     except KeyError:
         return False

@@ -119,7 +119,7 @@ def test_builtin_epochs_only_space_varies_the_epoch_alone():
     assert space.values("lam", 0.95) == (0.95,) and space.values("kernel", 7) == (7,)
     assert space.epoch_choices((10, 20, 30)) == (10, 20, 30)
     lams = load_space("per_class").values("lam", 0.95)
-    assert len(lams) == 21 and lams[0] == 0.5 and 0.85 in lams and 0.95 in lams and lams[-1] == 1.0
+    assert len(lams) == 51 and lams[0] == 0.5 and 0.85 in lams and 0.95 in lams and lams[-1] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ studies

@@ -67,7 +67,9 @@ def tiny_run(ray_instance: int, tmp_path_factory: pytest.TempPathFactory, monkey
         seen = wait_for(port, "ray_tfsearch_train_images_per_second", category)
         tune.report({"epoch": 1, "selection_value": SELECTION_VALUES[category], "speed_seen": seen})
 
-    view = ProgressView(SimpleNamespace(space=SimpleNamespace(metric="image_auroc")), quiet=True)
+    view = ProgressView(
+        SimpleNamespace(space=SimpleNamespace(metric="image_auroc"), estimate=None), quiet=True
+    )
     tuner = tune.Tuner(
         trainable,
         param_space={"category": tune.grid_search(sorted(SELECTION_VALUES))},

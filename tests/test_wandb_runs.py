@@ -158,7 +158,8 @@ TRAINING = """
                          "images_per_second": 3.0 * epoch})
 
 
-    view = ProgressView(SimpleNamespace(space=SimpleNamespace(metric="image_auroc")), quiet=True)
+    plan = SimpleNamespace(space=SimpleNamespace(metric="image_auroc"), estimate=None)
+    view = ProgressView(plan, quiet=True)
     callbacks = [view.callback(), *tune_callbacks(run_dir, "tiny", "offline", None, None)]
     tuner = tune.Tuner(
         trainable,

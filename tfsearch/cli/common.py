@@ -40,7 +40,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, multiple: bool) -> No
         group.add_argument("--categories", default=None, metavar="A,B", help="comma-separated categories")
 
 
-def add_runtime_arguments(parser) -> None:
+def add_runtime_arguments(parser, *, training: bool = False) -> None:
+    """The device flags; `training` adds --compile."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument(
         "--precision",
@@ -50,6 +51,17 @@ def add_runtime_arguments(parser) -> None:
     )
     parser.add_argument("--loader-workers", type=int, default=0, help="threads decoding the images at start")
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
+    if training:
+        add_compile_argument(parser)
+
+
+def add_compile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train a torch.compile'd network (needs a C++ compiler on a CPU; the same losses within float"
+        " rounding; docs/commands.md says where it pays)",
+    )
 
 
 def add_synthesis_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfsearch.cli.common import add_data_arguments, add_synthesis_arguments
+from tfsearch.cli.common import add_compile_argument, add_data_arguments, add_synthesis_arguments
 from tfsearch.infra.cluster import check_reachable
-from tfsearch.run.pipeline import execute
+from tfsearch.run.pipeline import dry_run, execute
 from tfsearch.run.plan import PROTOCOLS, make_plan
 from tfsearch.store.studies import AUTO, STUDIES_FORMS
 from tfsearch.transfusion.profiles import PROFILES
@@ -31,6 +31,13 @@ def register(subparsers) -> None:
         help="train each category K times, seeds profile seed + 0..K-1, as K trials side by side (work for"
         " more GPUs than categories); selection ranks by the mean over seeds, the tables give mean and std"
         " (default: the space's seeds: key, else 1)",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        metavar="K",
+        help="stop a category's training when its selection metric, at the best λ and n of each milestone,"
+        " has not improved for K milestones (default: the space's patience: key, else 0: never)",
     )
     parser.add_argument("--name", help="run name (default: SPACE-DATASET)")
     parser.add_argument("--runs-root", default="runs", help="folder that holds the runs (default: runs)")
@@ -67,6 +74,7 @@ def register(subparsers) -> None:
         " where the profile asks for it and the device has it",
     )
     parser.add_argument("--channels-last", action="store_true", help="NHWC convolutions (faster with bf16)")
+    add_compile_argument(parser)
     parser.add_argument(
         "--studies",
         choices=STUDIES_FORMS,
@@ -77,6 +85,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--address", help="join an existing Ray cluster (HOST:PORT or auto)")
     parser.add_argument("--resume", action="store_true", help="continue the run NAME after an interruption")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan with its price and train nothing (only the calibration cache is written)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="HOURS",
+        help="refuse a plan (or what remains of it on --resume) whose estimated device-hours exceed HOURS,"
+        " naming the categories and what to cut",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument(
         "--wandb",
@@ -93,5 +113,8 @@ def run_search(args) -> int:
     if args.address:
         check_reachable(args.address)
     plan = make_plan(args)
+    if args.dry_run:
+        dry_run(plan, resume=args.resume, address=args.address)
+        return 0
     execute(plan, resume=args.resume, address=args.address)
     return 0

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     parser.add_argument("--val-root", type=Path, help="MVTec-layout folder of CATEGORY/test for validation")
     parser.add_argument("--resume", action="store_true", help="continue --out from its last checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, training=True)
     parser.set_defaults(func=run_train)
 
 
@@ -88,7 +88,9 @@ def run_train(args) -> int:
         raise InputError("--category is required for tfsearch train")
     if args.epochs is not None and args.epochs < 1:
         raise InputError(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    runtime = Runtime(args.device, args.precision, args.loader_workers, not args.quiet, args.channels_last)
+    runtime = Runtime(
+        args.device, args.precision, args.loader_workers, not args.quiet, args.channels_last, args.compile
+    )
     profile = get_profile(chosen_profile(args, runtime.torch_device()))
     if args.epochs:
         profile = profile.with_epochs(args.epochs)

@@ -9,7 +9,8 @@ every run of the dataset:
 2. wide tables with every metric, one column per published source and its Δ (extra outputs);
 3. default, validation-selected and oracle-selected test metrics side by side, when both protocols are given;
 4. each run's `importance.csv`, and the last training milestone of every training run; for a run with
-   several seeds per category, its default and selected test metrics as mean ± std over the seeds;
+   several seeds per category, its default and selected test metrics as mean ± std over the seeds; the
+   categories that stopped training early (`--patience`), with their epoch and the device-hours saved;
 5. per run, each category's metrics per defect kind at its selected configuration, from its test maps;
 6. the λ and n sensitivity figures (supplementary Figures 2-3), exact, from the runs' final-epoch test maps,
    a line per run.
@@ -53,6 +54,7 @@ from tfsearch.report.render import (
     table_markdown,
 )
 from tfsearch.report.run_tables import (
+    early_stop_table,
     importance_tables,
     protocol_tables,
     seed_tables,
@@ -88,8 +90,8 @@ def build_report(
     tables += ad2_tables(runs)
     tables += wide_tables(runs, published, comparison, compare_anyway)
     tables += seed_tables(runs) + protocol_tables(runs) + importance_tables(runs)
-    training = training_table(runs)
-    tables += [training] if training else []
+    training, stopped = training_table(runs), early_stop_table(runs)
+    tables += [table for table in (training, stopped) if table]
     kinds, kind_notes = per_kind_tables(runs)
     tables += kinds
     curves, notes = sensitivity_curves(runs)
@@ -98,8 +100,10 @@ def build_report(
 
 
 def _run_lines(run: RunResults) -> list[str]:
-    """The run's summary, and beneath it how it departs from the paper's protocol, if it does."""
-    return [_run_summary(run), *([f"{run.name}: {run.paper_note}"] if run.paper_note else [])]
+    """The run's summary, and beneath it how it departs from the paper's protocol, if it does, and where
+    its categories stopped training early (`--patience`)."""
+    lines = [_run_summary(run), *([f"{run.name}: {run.paper_note}"] if run.paper_note else [])]
+    return lines + ([run.early_stop_note] if run.early_stop_note else [])
 
 
 def _run_summary(run: RunResults) -> str:

@@ -139,6 +139,11 @@ def tuned_runs(runs: list[RunResults], dataset: str) -> tuple[list[RunResults], 
     return others, [note], [advice]
 
 
+def early_stop_notes(runs: list[RunResults]) -> list[str]:
+    """A note per run trained with early stopping (`--patience`): which categories stopped, where."""
+    return [run.early_stop_note for run in runs if run.early_stop_note]
+
+
 def paper_tables(
     runs: list[RunResults], published: PublishedNumbers, comparison: list[dict], compare_anyway: bool
 ) -> list[Table]:
@@ -153,13 +158,14 @@ def paper_tables(
         specs = []
         if defaults:
             title = f"{dataset}: AUPRO of the single configuration (test set)"
-            notes = [default_note(defaults)]
+            notes = [default_note(defaults), *early_stop_notes(defaults)]
             specs.append(("aupro", title, defaults, "default_test_aupro", SINGLE_CONFIG, notes, []))
         if tuned:
             on = ", ".join(dict.fromkeys(PROTOCOL_LABELS.get(r.select_on, r.select_on) for r in tuned))
             title = f"{dataset}: image AUROC tuned per class, selected on the {on} split"
             column = "selected_test_image_auroc"
-            specs.append(("image_auroc", title, tuned, column, PER_CLASS_EPOCHS, tuned_notes, tuned_advice))
+            notes = [*tuned_notes, *early_stop_notes(tuned)]
+            specs.append(("image_auroc", title, tuned, column, PER_CLASS_EPOCHS, notes, tuned_advice))
         tables += [
             paper_table(f"paper_{metric}_{dataset}", title, chosen, column, protocol, published,
                         compare_anyway, comparison, notes, advice)

@@ -1,7 +1,7 @@
 """Tables of our runs beyond the supplement's shape: per dataset the single configuration's four metrics
 and per searched run the selected configuration (each published source in its own column with its own Δ);
 the protocols side by side (default, validation-selected and oracle-selected test metrics); the spread over
-seeds; each run's `importance.csv`; the training milestones."""
+seeds; each run's `importance.csv`; the training milestones; the categories that stopped training early."""
 
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ def wide_tables(
                 [
                     f"Run {run.name} (space {run.space}): configuration selected {how} by"
                     f" {METRIC_LABELS.get(metric, metric)} on the {on}; test metrics at the selected"
-                    " configuration."
+                    " configuration.",
+                    *([run.early_stop_note] if run.early_stop_note else []),
                 ],
             )
         )
@@ -331,4 +332,38 @@ def training_table(runs: list[RunResults]) -> Table | None:
         frame,
         {k: v for k, v in formats.items() if k in frame.columns},
         ["Metrics on the selection split at the profile's default λ and n, as the trials reported them."],
+    )
+
+
+def early_stop_table(runs: list[RunResults]) -> Table | None:
+    """Every category whose training stopped early (`--patience`): where, and the device-hours it saved;
+    None when no run stopped one."""
+    rows = [
+        {
+            "run": run.name,
+            "dataset": run.dataset,
+            "category": row["category"],
+            "patience": run.patience,
+            "stopped at epoch": str(row["stopped_at_epoch"]),
+            "last milestone": run.final_epoch,
+            "epochs not trained": int(row["epochs_not_trained"]),
+            "device-hours saved": float(row["device_hours_saved"]),
+        }
+        for run in runs
+        for _, row in run.early_stops().iterrows()
+    ]
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    return Table(
+        "early_stop",
+        "Categories that stopped training early",
+        frame,
+        {"device-hours saved": "{:.3g}"},
+        [
+            "Training stopped once the selection metric, at the best λ and n of each milestone, had not"
+            " improved for `patience` milestones; selection chose among the milestones reached. Device-hours"
+            " saved: the epochs not trained x the measured seconds per epoch x the trial's GPUs (its CPUs"
+            " without GPUs); the maps of the milestones not reached are saved too and not counted."
+        ],
     )

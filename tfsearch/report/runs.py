@@ -45,7 +45,7 @@ SELECTED_NEEDS = (
 )
 TEXT_COLUMNS = dict.fromkeys(
     ("dataset", "category", "stage", "space", "protocol", "split", "model", "status", "scope", "parameter",
-     "method"),
+     "method", "stopped_at_epoch"),
     str,
 )  # fmt: skip
 CONFIG_NEEDS = {"dataset": str, "categories": list, "space": dict, "profile": dict}
@@ -108,6 +108,38 @@ class RunResults:
     @property
     def default_kernel(self) -> int:
         return int(self.config["profile"].get("kernel", PROFILES["paper"].kernel))
+
+    @property
+    def patience(self) -> int:
+        """`--patience` of the run: milestones without improvement that stopped a category (0: never)."""
+        return int(self.config.get("patience", 0))
+
+    def early_stops(self) -> pd.DataFrame:
+        """The rows of selected.csv whose category stopped training early (`--patience`); none for a run
+        written before early stopping existed."""
+        if "stopped_early" not in self.selected.columns:
+            return self.selected.iloc[0:0]
+        stopped = pd.to_numeric(self.selected["stopped_early"], errors="coerce").fillna(0) > 0
+        return self.selected[stopped]
+
+    @property
+    def early_stop_note(self) -> str | None:
+        """`Run R trained with early stopping (patience K): …`, naming the categories that stopped, their
+        epochs and the device-hours saved; None for a run without early stopping."""
+        if not self.patience:
+            return None
+        stops = self.early_stops()
+        text = f"Run {self.name} trained with early stopping (patience {self.patience})"
+        if not len(stops):
+            return f"{text}: every category trained to its last milestone, epoch {self.final_epoch}."
+        named = ", ".join(
+            f"{row['category']} at epoch {row['stopped_at_epoch']}" for _, row in stops.iterrows()
+        )
+        hours = float(pd.to_numeric(stops["device_hours_saved"], errors="coerce").sum())
+        return (
+            f"{text}: {named} stopped before epoch {self.final_epoch}, saving {hours:.3g} device-hours; their"
+            " configurations are chosen from the milestones they reached, their default at their last one."
+        )
 
     @property
     def final_epoch(self) -> int | None:

@@ -4,6 +4,8 @@ Ray Tune, then select (epoch, λ, n) with Optuna on the cached maps, then the ta
     run_lock         tfsearch.store.lock: one driver per run folder
     check_start      tfsearch.run.start: the checks of a new run, or of --resume (nothing written yet)
     connect          tfsearch.infra.cluster: join the cluster, or start Ray here
+    announce_price   tfsearch.run.estimate: the plan with its device time, wall time and storage, printed; a
+                     plan over --budget stops here (`dry_run` stops here always)
     create_run       the run folder and its plan (config.json), once the cluster answered
     prepare_studies  the Optuna studies file in the form --studies chose (a resumed run keeps its own)
     run_training     tfsearch.run.training: a Tune trial per (category, training configuration, seed), each
@@ -27,6 +29,7 @@ copied to STORAGE/NAME too.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -34,6 +37,8 @@ from tfsearch.errors import InputError
 from tfsearch.infra.cluster import connect
 from tfsearch.infra.interrupts import INTERRUPTIONS, during
 from tfsearch.report import write_report
+from tfsearch.run.cost import PlanCost, print_plan
+from tfsearch.run.estimate import check_budget, estimate
 from tfsearch.run.plan import RunPlan, TrialSettings
 from tfsearch.run.results import failed_message, publish, write_selected, write_trials
 from tfsearch.run.selection.log import log_selection
@@ -61,6 +66,8 @@ def execute(
         with during("connecting to Ray"):
             connect(address, plan.quiet)
         INTERRUPTIONS.install()  # ray.init replaced the SIGTERM handler
+        with during("estimating"):
+            plan = dataclasses.replace(plan, estimate=announce_price(plan, address, show=not plan.quiet))
         if not resume:
             create_run(plan)
         studies = prepare_studies(plan)
@@ -95,3 +102,21 @@ def execute(
     if failed:
         raise InputError(failed_message(failed))
     return selected
+
+
+def announce_price(plan: RunPlan, address: str | None, *, show: bool) -> PlanCost:
+    """The plan's price (what remains of it on --resume), printed when `show`; InputError over --budget."""
+    cost = estimate(plan, address=address)
+    if show:
+        print_plan(plan, cost)
+    check_budget(plan, cost, plan.budget)
+    return cost
+
+
+def dry_run(plan: RunPlan, *, resume: bool = False, address: str | None = None) -> PlanCost:
+    """`tfsearch run --dry-run`: the checks of the run and its price, printed; nothing trained or written
+    but the calibration cache, and Ray joined only with `address` (whose worker is calibrated)."""
+    check_start(plan, resume)
+    if address:
+        connect(address, quiet=True)
+    return announce_price(plan, address, show=True)

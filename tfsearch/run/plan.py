@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
+from tfsearch.run.first_run import FIRST_RUN_DATASET, first_run_profile
 from tfsearch.run.space import Space, load_space
 from tfsearch.store.location import Location, run_location
 from tfsearch.store.run_folder import CONFIG_FILE, read_config
 from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import GPU_PROFILES, QUICK_PROFILE, Profile
+
+if TYPE_CHECKING:
+    from tfsearch.run.cost import PlanCost
 
 PROTOCOLS = ("test", "val")
 # the flags naming input folders; each is resolved on the driver (trials run in other working folders)
@@ -53,11 +58,15 @@ class RunPlan:
     cpus_per_trial: float = 1.0
     allow_cpu: bool = False  # a GPU profile may train where a trial's node has no CUDA
     seeds: int = 1  # training runs per category (and training configuration), seeds `training_seeds`
+    # milestones without improvement of the selection metric (at its best λ and n) after which a category's
+    # training stops; 0 trains every category to its last milestone (the paper)
+    patience: int = 0
     # not part of the plan's identity: may change on --resume
     max_failures: int = 2
     quiet: bool = False
     precision: str = "auto"  # auto | fp32 | bf16 autocast in the training trials (`Runtime.precision`)
     channels_last: bool = False
+    compile: bool = False  # torch.compile the network in the trials
     # --studies: auto | sqlite | journal, the form of the studies (`tfsearch.store.studies.studies_file`);
     # not part of the plan's identity: the run folder's studies file records it, and --resume keeps it
     studies: str = "auto"
@@ -65,6 +74,10 @@ class RunPlan:
     wandb: str = "offline"
     wandb_project: str | None = None
     wandb_entity: str | None = None
+    # --budget: the device-hours a run may cost (tfsearch.run.estimate.check_budget); not part of the identity
+    budget: float | None = None
+    # the plan's price printed at its start, which the training progress counts down; set by `execute`
+    estimate: PlanCost | None = None
 
     @property
     def training_root(self) -> Path:
@@ -140,6 +153,8 @@ class RunPlan:
             "channels_last": self.channels_last,
             # one seed writes no key, so a one-seed plan equals one stored by versions without --seeds
             **({"seeds": self.seeds} if self.seeds > 1 else {}),
+            # no patience writes no key, so a plan without early stopping equals one stored before it existed
+            **({"patience": self.patience} if self.patience else {}),
             "selection": {
                 "metric": self.space.metric,
                 "sampler": self.space.sampler,
@@ -161,6 +176,10 @@ class RunPlan:
             allow_cpu=self.allow_cpu,
             precision=self.precision,
             channels_last=self.channels_last,
+            compile=self.compile,
+            patience=self.patience,
+            lam_values=self.space.values("lam", self.profile.lam),
+            kernel_values=self.space.values("kernel", self.profile.kernel),
         )
 
 
@@ -179,6 +198,11 @@ class TrialSettings:
     allow_cpu: bool  # a GPU profile may train where the trial's node has no CUDA
     precision: str  # auto | fp32 | bf16
     channels_last: bool
+    compile: bool = False  # torch.compile the network
+    patience: int = 0  # milestones without improvement after which training stops (0: never)
+    # the space's λ values and n values: each milestone's best over them is what `patience` watches
+    lam_values: tuple[float, ...] = ()
+    kernel_values: tuple[int, ...] = ()
 
 
 def model_id(train_params: dict) -> str:
@@ -216,6 +240,21 @@ def resolve_seeds(typed: int | None, space: Space) -> int:
     return seeds
 
 
+def resolve_patience(typed: int | None, space: Space) -> int:
+    """`--patience`, else the space's `patience:` key; a negative count is an error naming the flag."""
+    patience = space.patience if typed is None else typed
+    if patience < 0:
+        raise InputError(f"--patience {typed}: expected 0 (never stop early) or a number of milestones")
+    if patience and space.params.get("epoch", "last") != "milestones":
+        # a category stopped early must still have a candidate epoch: only every milestone guarantees one
+        raise InputError(
+            f"--patience {patience} (or the space's patience: key) with {space.source}: early stopping needs"
+            " params.epoch: milestones, so that a category stopped early is selected among the milestones it"
+            " reached"
+        )
+    return patience
+
+
 def input_folder(flag: str, typed: Path | str | None) -> Path | None:
     """An input folder as an absolute path, checked here on the driver; the error names the flag and the
     path as the user typed it."""
@@ -236,21 +275,27 @@ def make_plan(args) -> RunPlan:
         raise InputError("--val-root only applies with --select-on val")
     folders = {key: input_folder(flag, getattr(args, key)) for key, flag in INPUT_FOLDER_FLAGS.items()}
     local_cuda = None if args.address else torch.cuda.is_available()  # a cluster may add GPUs later
+    name = args.name or f"{space.name}-{args.dataset}"
+    run_dir = Path(args.runs_root).expanduser().resolve() / name
     profile_name = args.profile
-    if (
+    quick = (
         profile_name is None
         and args.dataset in datasets.GENERATED_DATASETS
         and local_cuda is False
         and space.profile in GPU_PROFILES
-    ):
-        profile_name = QUICK_PROFILE
-        if not args.quiet:
-            print(
-                f"[run] no GPU on this machine: the demo runs the quick profile {QUICK_PROFILE!r} instead of"
-                f" the space's {space.profile!r} (--profile {space.profile} to insist)",
-                flush=True,
-            )
-    profile = space.resolve_profile(profile_name)
+    )
+    if quick and args.dataset == FIRST_RUN_DATASET:
+        profile = first_run_profile(args, space, run_dir, folders["data_root"])
+    else:
+        if quick:
+            profile_name = QUICK_PROFILE
+            if not args.quiet:
+                print(
+                    f"[run] no GPU on this machine: the demo runs the quick profile {QUICK_PROFILE!r} instead"
+                    f" of the space's {space.profile!r} (--profile {space.profile} to insist)",
+                    flush=True,
+                )
+        profile = space.resolve_profile(profile_name)
     if args.epochs:
         profile = profile.with_epochs(args.epochs)
     categories = datasets.resolve_categories(
@@ -271,8 +316,6 @@ def make_plan(args) -> RunPlan:
             " a cluster with GPUs"
         )
     seeds = resolve_seeds(getattr(args, "seeds", None), space)
-    name = args.name or f"{space.name}-{args.dataset}"
-    run_dir = Path(args.runs_root).expanduser().resolve() / name
     location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
     return RunPlan(
         name=name,
@@ -288,15 +331,18 @@ def make_plan(args) -> RunPlan:
         gpus_per_trial=gpus_per_trial,
         allow_cpu=args.allow_cpu,
         seeds=seeds,
+        patience=resolve_patience(getattr(args, "patience", None), space),
         cpus_per_trial=args.cpus_per_trial,
         max_failures=args.max_failures,
         quiet=args.quiet,
         precision=args.precision or stored_precision(run_dir),
         channels_last=args.channels_last,
+        compile=getattr(args, "compile", False),
         studies=getattr(args, "studies", None) or "auto",
         wandb=args.wandb,
         wandb_project=args.wandb_project,
         wandb_entity=args.wandb_entity,
+        budget=getattr(args, "budget", None),
         **folders,
     )
 

@@ -4,12 +4,15 @@ storage. Each study's spec is worked out again from the run folder (`study_spec`
 selection stage, whose tasks ran elsewhere and may belong to an earlier, interrupted driver.
 
 A category whose training failed for good gets a `failed` row in `selected.csv` with its error and nothing
-selected; it is never tabulated as if it had finished.
+selected; it is never tabulated as if it had finished. One whose training stopped early (`--patience`) has
+finished: its row is selected from the milestones it reached and says where it stopped and what that saved.
 """
 
 from __future__ import annotations
 
+import csv
 from datetime import timezone
+from pathlib import Path
 
 import optuna
 
@@ -21,12 +24,14 @@ from tfsearch.store.run_folder import (
     RUN_TABLES,
     SELECTED_FILE,
     TRIALS_FILE,
+    read_early_stop,
     read_milestone_log,
     selected_columns,
     trial_columns,
     write_csv,
 )
 from tfsearch.store.studies import open_studies, studies_file
+from tfsearch.transfusion.job import TrainDir
 
 
 def training_rows(plan: RunPlan) -> list[dict]:
@@ -139,6 +144,7 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
         test = study_spec(plan, group, split="test").maps if plan.select_on == "val" else spec.maps
         for category in group:
             row = {**common, "category": category, **choice_columns(choice), "status": "ok", "error": ""}
+            row.update(early_stop_columns(plan, category))
             for prefix, candidate in (("default", default), ("selected", chosen)):
                 row.update({f"{prefix}_{k}": v for k, v in candidate.as_params().items()})
                 if plan.seeds == 1:
@@ -164,6 +170,33 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
                 )
     write_csv(plan.run_dir / SELECTED_FILE, selected_columns(plan.seeds), rows)
     return rows
+
+
+def early_stop_columns(plan: RunPlan, category: str) -> dict:
+    """selected.csv's `EARLY_STOP_COLUMNS` of a category over its training runs (seeds, configurations): how
+    many stopped early, at which epochs, the epochs they did not train, and the device-hours that saved: the
+    epochs not trained x the run's measured seconds per epoch (its history) x the trial's GPUs, or its CPUs
+    in a run without GPUs. Maps of the milestones not reached are saved too and not counted."""
+    devices = plan.gpus_per_trial or plan.cpus_per_trial
+    stops = []
+    for train_dir in sorted(p for p in (plan.training_root / category).glob("*") if p.is_dir()):
+        stop = read_early_stop(train_dir)
+        if stop is not None:
+            stops.append((stop, seconds_per_epoch(TrainDir(train_dir).history_file)))
+    return {
+        "stopped_early": len(stops),
+        "stopped_at_epoch": ";".join(str(stop["epoch"]) for stop, _ in stops),
+        "epochs_not_trained": sum(int(stop["epochs_not_trained"]) for stop, _ in stops),
+        "device_hours_saved": sum(stop["epochs_not_trained"] * s for stop, s in stops) * devices / 3600.0,
+    }
+
+
+def seconds_per_epoch(history: Path) -> float:
+    """The mean training seconds of an epoch in a training run's history (0 without one)."""
+    if not history.is_file():
+        return 0.0
+    seconds = [float(row["seconds"]) for row in csv.DictReader(history.read_text().splitlines())]
+    return sum(seconds) / len(seconds) if seconds else 0.0
 
 
 def publish(plan: RunPlan) -> None:

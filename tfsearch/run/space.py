@@ -11,6 +11,8 @@ is validated here, and an error names the file and the key:
     profile_overrides: {}     # Profile fields, e.g. {epochs: 1500, lr: 1.0e-5}
     milestones: {every: 50}   # or a list of epochs; default: the profile's grid; its last epoch is always one
     seeds: 1                  # training runs per category, seeds profile seed + 0..K-1; --seeds overrides it
+    patience: 0               # stop a category's training after K milestones without improvement (0: never);
+                              # --patience overrides it
     selection:
       metric: image_auroc     # image_auroc | aupro | pixel_auroc | pixel_ap | pixel_f1_max, or MVTec AD 2's
                               # aupro_05 (AUPRO to FPR 0.05) | seg_f1 (docs/mvtec-ad2.md)
@@ -63,6 +65,7 @@ TOP_KEYS = {
     "params",
     "training",
     "seeds",
+    "patience",
 }
 TRAINABLE = {"lr": float, "base_channels": int, "steps": int, "batch_size": int, "weight_decay": float}
 
@@ -113,6 +116,7 @@ class Space:
     training: TrainingSearch | None = None
     source: str = ""
     seeds: int = 1  # training runs per category (and training configuration), each with its own seed
+    patience: int = 0  # milestones without improvement after which a category stops training (0: never)
 
     @property
     def enumerated(self) -> bool:
@@ -330,6 +334,9 @@ def parse_space(payload: object, source: str) -> Space:
     seeds = payload.get("seeds", 1)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise _fail(source, "seeds", "a positive integer (training runs per category)", seeds)
+    patience = payload.get("patience", 0)
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise _fail(source, "patience", "0 (never stop early) or a positive number of milestones", patience)
 
     return Space(
         name=str(payload.get("name", Path(source).stem)),
@@ -348,6 +355,7 @@ def parse_space(payload: object, source: str) -> Space:
         training=_training(payload["training"], source) if payload.get("training") is not None else None,
         source=source,
         seeds=seeds,
+        patience=patience,
     )
 
 

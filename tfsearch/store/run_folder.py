@@ -14,7 +14,8 @@ A run folder (`--runs-root`/NAME) holds:
                     (with --seeds K > 1: the mean over seeds, a `seeds` column and a `*_std` per metric)
     importance.csv  per dataset (and category): how much epoch, λ and n move the selection metric
     train/CATEGORY/MODEL/   training runs (checkpoints, maps, milestones.json; tfsearch.transfusion.job);
-                    with --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.run.plan.seeded_model)
+                    with --seeds K > 1 one per seed, MODEL-seed=N (tfsearch.run.plan.seeded_model);
+                    early_stop.json in one that stopped early (--patience)
     tune/           Ray Tune's experiment state, which `--resume` restores
 """
 
@@ -38,6 +39,8 @@ SELECTED_FILE = "selected.csv"
 IMPORTANCE_FILE = "importance.csv"
 # each training run's log of finished milestones (one row per milestone; see the trainable)
 MILESTONE_LOG = "milestones.json"
+# a training run that stopped early (`--patience`): where and why (tfsearch.run.training.early_stop)
+EARLY_STOP_FILE = "early_stop.json"
 RUN_TABLES = (CONFIG_FILE, TRIALS_FILE, SELECTED_FILE, IMPORTANCE_FILE)
 TRAIN_FOLDER = "train"
 # the training configuration of the profile itself (other ids name searched training hyperparameters)
@@ -75,6 +78,10 @@ CONFIG_FIELDS = (
     "selection_value",
     *(f"test_{m}" for m in EXTENDED_METRIC_NAMES),
 )
+# selected.csv: per category, how many of its training runs stopped early (`--patience`; 0 without), the
+# epochs they stopped at (";" between several), the epochs they did not train and the device-hours that
+# saved (epochs not trained x measured seconds per epoch x the trial's GPUs, or CPUs without GPUs)
+EARLY_STOP_COLUMNS = ("stopped_early", "stopped_at_epoch", "epochs_not_trained", "device_hours_saved")
 SELECTED_COLUMNS = (
     "dataset",
     "category",
@@ -88,6 +95,7 @@ SELECTED_COLUMNS = (
     "tied_at_best",
     "tie_break_metric",
     "cannot_rank",
+    *EARLY_STOP_COLUMNS,
     "status",  # ok | failed (training failed for good; nothing is selected)
     "error",
 )
@@ -130,6 +138,17 @@ def read_milestone_log(train_dir: Path) -> list[dict]:
     if not isinstance(log, list) or not all(isinstance(row, dict) and "epoch" in row for row in log):
         raise InputError(f"{path}: damaged: expected a list of milestone records")
     return log
+
+
+def read_early_stop(train_dir: Path) -> dict | None:
+    """Where a training run stopped early (`EARLY_STOP_FILE`), or None when it did not."""
+    path = Path(train_dir) / EARLY_STOP_FILE
+    if not path.is_file():
+        return None
+    record = read_state(path, "where a training run stopped early")
+    if not isinstance(record, dict) or not {"epoch", "best_epoch", "epochs_not_trained"} <= set(record):
+        raise InputError(f"{path}: damaged: expected the record of an early stop")
+    return record
 
 
 def read_config(run_dir: Path) -> dict:

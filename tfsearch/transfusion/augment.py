@@ -46,6 +46,14 @@ def rotate(
     return F.grid_sample(images, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
+def rotate_where(
+    images: torch.Tensor, chosen: torch.Tensor, degrees: torch.Tensor, mode: str = "bilinear"
+) -> torch.Tensor:
+    """`rotate` for the images where `chosen` (B,) holds; the others keep their own values. All are turned
+    and selected with `torch.where`, so nothing waits for the device to say which were chosen."""
+    return torch.where(chosen.view(-1, 1, 1, 1), rotate(images, degrees, mode), images)
+
+
 def _per_image(
     images: torch.Tensor, low: float, high: float, generator: torch.Generator | None, channels: int = 1
 ) -> torch.Tensor:
@@ -179,18 +187,42 @@ AUGMENTATIONS: tuple[AugmentOp, ...] = (
 def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per image, 3 distinct ops drawn without replacement from AUGMENTATIONS, applied in the drawn order.
 
-    Each op runs once per position on all images that drew it. Input: (B,3,H,W) in [0,255]; output: float
-    (B,3,H,W) in [0,255], as every op keeps that range.
+    Input: (B,3,H,W) in [0,255]; output: float (B,3,H,W) in [0,255], as every op keeps that range. On the
+    CPU each op runs once per position on the images that drew it (`augment_subsets`); on an accelerator on
+    all of them, each keeping its own op's result (`augment_masked`): which images drew an op is known only
+    on the device, and reading it back would stall the device 30 times a batch.
     """
     drawn = torch.rand(images.shape[0], len(AUGMENTATIONS), device=images.device, generator=generator)
     order = drawn.argsort(1)[:, :OPS_PER_IMAGE]
-    result = images.float().clone()
+    apply = augment_subsets if images.device.type == "cpu" else augment_masked
+    return apply(images.float().clone(), order, generator)
+
+
+def augment_subsets(
+    images: torch.Tensor, order: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """`order` (B, OPS_PER_IMAGE) op indices: each op draws and runs for the images that chose it. The number
+    of draws depends on the data, which costs nothing where the tensors are in host memory."""
     for position in range(OPS_PER_IMAGE):
         for index, op in enumerate(AUGMENTATIONS):
             chosen = order[:, position] == index
             if chosen.any():
-                result[chosen] = op(result[chosen], generator)
-    return result
+                images[chosen] = op(images[chosen], generator)
+    return images
+
+
+def augment_masked(
+    images: torch.Tensor, order: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """`order` as in `augment_subsets`, with no value read back to the host: every op draws its parameters for
+    the whole batch and runs on it, and `torch.where` keeps its result for the images that chose it. Ten
+    times the arithmetic of the subsets, and another sequence of draws, so another (equally distributed)
+    synthesis than on the CPU for the same seed."""
+    for position in range(OPS_PER_IMAGE):
+        for index, op in enumerate(AUGMENTATIONS):
+            chosen = (order[:, position] == index).view(-1, 1, 1, 1)
+            images = torch.where(chosen, op(images, generator), images)
+    return images
 
 
 def grid_shuffle(

@@ -1,11 +1,15 @@
 """Training profiles: every number the trainer uses, in one frozen object.
 
 `paper` is method.md's configuration (256 px, 64 base channels, 1500 epochs). `small` is the quick profile,
-what a run on a machine without a GPU trains: the same network at 128 px with 16 base channels, trained for
-about 9 minutes per category on two CPU cores with AVX512-BF16 (in bf16) and about 40 on two with AVX2 only
-(fp32), which finds many of the realistic demo's subtle defects (bench/results/realistic-demo.md, "The quick
-profile `small`"). `cpu` is the same code at toy size, 120 optimiser steps, so the whole pipeline runs in a
-minute and in the test suite; it learns the demo's obvious defects only.
+what `tfsearch train` on a CPU and a run on the realistic demo without a GPU train: the same network at 128 px
+with 16 base channels, trained for about 9 minutes per category on two CPU cores with AVX512-BF16 (in bf16)
+and about 40 on two with AVX2 only (fp32), which finds many of the realistic demo's subtle defects
+(bench/results/realistic-demo.md, "The quick profile `small`"). The demo's quick profile is not `small` but
+`first`, what a bare `tfsearch run` on the demo trains without a GPU: the `cpu` network at 64 px for as many
+epochs as fit a 15-minute first run on this machine (tfsearch.run.first_run), never fewer than its own,
+which find every demo category's defects after per-class selection (bench/results/first-run.md). `cpu` is
+the same code at toy size, 120 optimiser steps, so the whole pipeline runs in a minute and in the test
+suite; it learns the demo's obvious defects only.
 """
 
 from __future__ import annotations
@@ -118,8 +122,12 @@ PAPER_PROFILE = "paper"
 # profiles meant for GPUs: a run asks one GPU per trial for them by default, visible or not, so that an
 # autoscaling cluster sees the demand
 GPU_PROFILES = frozenset({PAPER_PROFILE})
-# the profile a run falls back to on the demo when this machine has no GPU and no profile was given
+# the profile `tfsearch train` on a CPU, and a run on the realistic demo without a GPU, fall back to when no
+# profile was given
 QUICK_PROFILE = "small"
+# the profile a bare run on the demo trains without a GPU, its epochs fitted to this machine
+# (tfsearch.run.first_run); its own epochs are the fewest that find the demo's defects
+FIRST_RUN_PROFILE = "first"
 
 # the paper's network at toy size and 120 optimiser steps: the test suite's profile
 _CPU = Profile(
@@ -155,6 +163,9 @@ PROFILES: dict[str, Profile] = {
         bf16=True,
         milestone_every=25,
     ),
+    # the demo's first run: the cpu network, its epochs set by tfsearch.run.first_run to fit 15 minutes on
+    # this machine, never fewer than these (bench/results/first-run.md)
+    FIRST_RUN_PROFILE: _CPU.replace(name=FIRST_RUN_PROFILE, epochs=60, lr_step_epochs=45),
 }
 
 

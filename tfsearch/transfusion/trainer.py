@@ -26,11 +26,11 @@ from tqdm import tqdm
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import MapSet, map_set_exists, write_map_set
 from tfsearch.store.atomic import atomic_write, atomic_write_json, atomic_write_text
-from tfsearch.transfusion.augment import rotate
+from tfsearch.transfusion.augment import rotate_where
 from tfsearch.transfusion.inference import anomaly_maps, to_signed
 from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, TrainDir, TrainJob
 from tfsearch.transfusion.protocol import paper_protocol_note
-from tfsearch.transfusion.runtime import PRECISIONS, Runtime
+from tfsearch.transfusion.runtime import PRECISIONS, Runtime, use_tf32
 from tfsearch.transfusion.synthesis import AnomalySynthesizer
 from tfsearch.transfusion.training_data import PreparedData, prepare_data
 from tfsearch.transfusion.transparency import TransparencyProcess, training_loss
@@ -69,7 +69,9 @@ class Trainer:
         if self.runtime.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {PRECISIONS}, got {self.runtime.precision!r}")
         self.device = self.runtime.torch_device()
+        self.runtime.compile_check(self.device)
         self.precision = self.runtime.network_precision(self.profile, self.device)
+        use_tf32(self.precision, self.device)
         self.process = TransparencyProcess(self.profile.steps)
 
         torch.manual_seed(self.profile.seed)
@@ -77,8 +79,15 @@ class Trainer:
         self.model = TransFusionUNet(self.profile).to(self.device)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # training runs `network`; states and weights are the plain module's (no `_orig_mod.` in their keys)
+        self.network = torch.compile(self.model) if self.runtime.compile else self.model
+        # one fused kernel per step instead of a loop over the parameters (4x faster on the CPU profile's
+        # network: bench/results/compile.md)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.profile.lr, weight_decay=self.profile.weight_decay
+            self.model.parameters(),
+            lr=self.profile.lr,
+            weight_decay=self.profile.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=self.profile.lr_step_epochs, gamma=self.profile.lr_gamma
@@ -179,8 +188,9 @@ class Trainer:
         return self.data
 
     # --- training
-    def train_step(self, x0: torch.Tensor, foreground: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch of normal images in [−1,1] (method.md §12, TRAIN)."""
+    def train_step(self, x0: torch.Tensor, foreground: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch of normal images in [−1,1] (method.md §12, TRAIN); its loss terms
+        stay on the device: nothing in a step waits for the device, so a GPU never idles between steps."""
         profile, process, gen = self.profile, self.process, self.generator
         batch = x0.shape[0]
         t = process.sample_timesteps(batch, self.device, gen)
@@ -196,49 +206,50 @@ class Trainer:
             synthetic.mask,
             synthetic.sim_mask,
         )
-        sim_mask[t == process.last] = 0  # the reverse process always starts from an empty mask
+        # the reverse process always starts from an empty mask
+        sim_mask = sim_mask.masked_fill((t == process.last).view(-1, 1, 1, 1), 0)
 
         x_t = process.compose(x0, noise, mask, t)
 
         rotated = torch.rand(batch, device=self.device, generator=gen) < profile.rotation_prob
         angles = (torch.rand(batch, device=self.device, generator=gen) * 2 - 1) * profile.rotation_degrees
-        if rotated.any():
-            stack = torch.cat([x_t, x0, noise, mask, sim_mask], dim=1)
-            stack[rotated] = rotate(stack[rotated], angles[rotated], mode="nearest")
-            x_t, x0, noise, mask, sim_mask = stack.split([3, 3, 3, 1, 1], dim=1)
+        stack = torch.cat([x_t, x0, noise, mask, sim_mask], dim=1)
+        stack = rotate_where(stack, rotated, angles, mode="nearest")
+        x_t, x0, noise, mask, sim_mask = stack.split([3, 3, 3, 1, 1], dim=1)
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            output = self.model(x_t, sim_mask, t)
+            output = self.network(x_t, sim_mask, t)
         terms = training_loss(process, output, x_t, x0, noise, mask, t, profile.focal_weight)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         if profile.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), profile.grad_clip)
         self.optimizer.step()
-        return terms.as_floats()
+        return terms.detached()
 
     def train_epoch(self) -> dict[str, float]:
+        """One pass over the training images; the loss terms are summed on the device (in float64, as the
+        host summed them) and read back once, at the end."""
         data = self._ensure_data()
         self.model.train()
         count = data.train_images.shape[0]
         order = torch.randperm(count, device=self.device, generator=self.generator)
         started = time.perf_counter()
-        sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None
         batches = 0
         for begin in range(0, count, self.profile.batch_size):
             index = order[begin : begin + self.profile.batch_size]
             terms = self.train_step(to_signed(data.train_images[index]), data.foreground[index])
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value
+            step = torch.stack(list(terms.values())).double()
+            sums = step if sums is None else sums + step
             batches += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        means = dict(zip(terms, (sums / batches).tolist(), strict=True))
         seconds = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.epoch += 1
         row = {"epoch": self.epoch, "lr": lr, "seconds": seconds, "images_per_second": count / seconds}
-        row.update({f"loss_{name}": value / batches for name, value in sums.items()})
+        row.update({f"loss_{name}": value for name, value in means.items()})
         self.history.append(row)
         return row
 
@@ -293,8 +304,9 @@ class Trainer:
         return all(map_set_exists(self.dir.maps(epoch, split)) for split in splits)
 
     # --- fit
-    def fit(self, on_milestone: Callable[[Milestone], None] | None = None) -> list[Milestone]:
-        """Train to the last milestone; at each one save a checkpoint, write maps and tell the listener."""
+    def fit(self, on_milestone: Callable[[Milestone], bool | None] | None = None) -> list[Milestone]:
+        """Train to the last milestone; at each one save a checkpoint, write maps and tell the listener,
+        which ends training there by returning True (`--patience`: the milestone is complete by then)."""
         reached: list[Milestone] = []
         last = self.milestones[-1]
         bar = tqdm(
@@ -325,8 +337,8 @@ class Trainer:
                     self.epoch, checkpoint, maps, row["loss_total"], row["images_per_second"]
                 )
                 reached.append(milestone)
-                if on_milestone is not None:
-                    on_milestone(milestone)
+                if on_milestone is not None and on_milestone(milestone):
+                    break
         bar.close()
         self.write_history()
         return reached

@@ -24,6 +24,7 @@ class TransparencyProcess:
             raise ValueError(f"the transparency process needs at least 3 β values, got steps={steps}")
         self.steps = steps
         self.betas = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     @property
     def last(self) -> int:
@@ -35,8 +36,11 @@ class TransparencyProcess:
         return range(self.steps - 2, 0, -1)
 
     def beta(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """β_t shaped (B,1,1,1) in the dtype and device of `like`."""
-        return self.betas.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
+        """β_t shaped (B,1,1,1) in the dtype and device of `like`; the schedule is copied to a device once (a
+        copy from the host each step would wait for the device)."""
+        if like.device not in self._on_device:
+            self._on_device[like.device] = self.betas.to(like.device)
+        return self._on_device[like.device][t].to(like.dtype).view(-1, 1, 1, 1)
 
     def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
         return torch.randint(1, self.steps, (batch,), device=device, generator=generator)
@@ -77,11 +81,9 @@ class LossTerms:
     normal: torch.Tensor
     step: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        return {
-            name: float(getattr(self, name).detach())
-            for name in ("total", "anomaly", "mask", "normal", "step")
-        }
+    def detached(self) -> dict[str, torch.Tensor]:
+        """The terms as 0-dim tensors outside the graph, left on the device (reading them waits for it)."""
+        return {name: getattr(self, name).detach() for name in ("total", "anomaly", "mask", "normal", "step")}
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0):
@@ -104,12 +106,11 @@ def ssim(
     prediction: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
     """Mean SSIM with a Gaussian window and zero padding; the dynamic range L is read off the prediction
-    (1 or 2 in practice), as the original does (method.md §6.2)."""
-    low, high = (float(v) for v in torch.aminmax(prediction.detach()))
-    max_val = 255.0 if high > 128 else 1.0
-    min_val = -1.0 if low < -0.5 else 0.0
-    dynamic_range = max_val - min_val
-    c1, c2 = (0.01 * dynamic_range) ** 2, (0.03 * dynamic_range) ** 2
+    (1 or 2 in practice), as the original does (method.md §6.2), on the device: the constants are chosen
+    with `torch.where`, so no value is read back to the host."""
+    low, high = torch.aminmax(prediction.detach())
+    dynamic_range = torch.where(high > 128, 255.0, 1.0) - torch.where(low < -0.5, -1.0, 0.0)
+    c1, c2 = (((factor * dynamic_range.double()) ** 2).to(prediction.dtype) for factor in (0.01, 0.03))
     channels = prediction.shape[1]
     kernel = _gaussian_window(window, sigma, channels, prediction)
 

@@ -31,7 +31,7 @@ import pandas as pd
 from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, run_data, staged_in, write_sync_note
 from tfsearch.run.plan import RunPlan
 from tfsearch.run.selection.candidates import Candidate
-from tfsearch.run.selection.study import CHOICE_ATTR, candidate_of
+from tfsearch.run.selection.study import CHOICE_ATTR, best_candidate, candidate_of
 from tfsearch.store.run_folder import IMPORTANCE_COLUMNS, IMPORTANCE_FILE, write_csv
 from tfsearch.store.studies import open_studies, studies_file, study_name
 
@@ -110,7 +110,7 @@ def choice_summary(study: optuna.Study) -> dict:
         return {}
     trial = choice.get("trial")
     default = Candidate(**choice["default"]) if "default" in choice else None
-    chosen = default if trial is None else candidate_of(study.trials[trial])
+    chosen = default if trial is None else best_candidate(study, default)[0]
     summary = {
         "selected_trial": trial,
         "selected_value": choice.get("value"),

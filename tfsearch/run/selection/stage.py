@@ -23,7 +23,7 @@ from tfsearch.maps.cache import map_set_exists, map_set_problem
 from tfsearch.run.plan import RunPlan, seeded_model, split_seed
 from tfsearch.run.selection.candidates import Candidate, CategoryMaps, SeedMeans
 from tfsearch.run.selection.study import StudySpec, run_study
-from tfsearch.store.run_folder import MILESTONE_LOG, read_milestone_log
+from tfsearch.store.run_folder import EARLY_STOP_FILE, MILESTONE_LOG, read_milestone_log
 from tfsearch.store.studies import open_studies, studies_file, study_name
 from tfsearch.transfusion.job import TrainDir
 
@@ -65,8 +65,8 @@ def check_logged_maps(train_dir: TrainDir, split: str) -> None:
 
 def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
     """From an object-store storage, download what the selection and the tables read of `categories` into
-    the run's cache: each training run's job, history and milestone log, and the maps of every logged
-    milestone not cached yet."""
+    the run's cache: each training run's job, history, milestone log and early stop (`--patience`), and the
+    maps of every logged milestone not cached yet."""
     if plan.location.is_local:
         return
     train = plan.location.child("train")
@@ -74,7 +74,12 @@ def fetch_training_results(plan: RunPlan, categories: list[str]) -> None:
     for category in categories:
         for model in train.folders(category):
             remote, local = train.child(category, model), TrainDir(plan.train_dir(category, model))
-            for path in (local.job_file, local.history_file, local.root / MILESTONE_LOG):
+            for path in (
+                local.job_file,
+                local.history_file,
+                local.root / MILESTONE_LOG,
+                local.root / EARLY_STOP_FILE,
+            ):
                 remote.download(path.name, path)
             for record in read_milestone_log(local.root):
                 for split in splits:

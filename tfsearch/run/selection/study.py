@@ -257,6 +257,7 @@ def choose(finished: list[optuna.trial.FrozenTrial], spec: StudySpec) -> dict:
     contenders += [(t.number, candidate_of(t)) for t in sorted(tied, key=lambda t: t.number)]
     choice = {"trial": contenders[0][0], "value": best, "tied": len(contenders), "tie_break": None}
     choice["undecided"] = len(contenders) > 1
+    winner = 0
     if spec.tie_break and len(contenders) > 1:
         breaks = [
             mean_metrics({c: s.evaluate(candidate) for c, s in spec.maps.items()})[spec.tie_break]
@@ -266,6 +267,8 @@ def choose(finished: list[optuna.trial.FrozenTrial], spec: StudySpec) -> dict:
         winner = max(range(len(contenders)), key=lambda i: (breaks[i], -i))  # first of the equal wins
         choice.update(trial=contenders[winner][0], tie_break=spec.tie_break, tie_break_value=breaks[winner])
         choice["undecided"] = breaks.count(breaks[winner]) > 1
+    # the chosen configuration itself: readers need not read the study's trials back to find it
+    choice["selected"] = contenders[winner][1].as_params()
     return choice
 
 
@@ -299,10 +302,14 @@ def candidate_of(trial: optuna.trial.FrozenTrial) -> Candidate:
 
 
 def best_candidate(study: optuna.Study, default: Candidate) -> tuple[Candidate, dict]:
-    """The configuration a finished study chose (see `choose`), and the choice as recorded."""
+    """The configuration a finished study chose (see `choose`), and the choice as recorded. The choice holds
+    the configuration; where it names only its trial (studies of older run folders), the trials are read
+    back, which takes seconds for an exhaustive study of thousands of candidates."""
     choice = study.user_attrs.get(CHOICE_ATTR)
     if choice is None:
         raise InputError(f"study {study.study_name} has not finished: no choice recorded")
     if choice["trial"] is None:
         return default, choice
-    return candidate_of(study.trials[choice["trial"]]), choice
+    if "selected" in choice:
+        return Candidate(**choice["selected"]), choice
+    return candidate_of(study.get_trials(deepcopy=False)[choice["trial"]]), choice

@@ -29,19 +29,71 @@ from ray.air.util.node import _force_on_current_node
 
 from tfsearch.infra import telemetry
 from tfsearch.infra.tracking import DATA_FOLDER, DEFAULT_PROJECT, check_mode, wandb_env, write_sync_note
+from tfsearch.run.cost import duration, makespan
 from tfsearch.run.plan import RunPlan
 from tfsearch.store.run_folder import CONFIG_FILE, read_config
 from tfsearch.transfusion.protocol import paper_protocol_note
 
+# seconds the end of training waits for each trial's W&B run to finish: offline it only writes local files;
+# online it may still be uploading its last history
+FINISH_TIMEOUT_S = {"offline": 30, "online": 300}
+
 
 class ProgressView:
-    """A live console view of the training stage: categories, trials done and running, best so far."""
+    """A live console view of the training stage: categories, trials done and running, best so far, and
+    the time left: the plan's estimate (`plan.estimate`), its training steps corrected by the epochs measured
+    so far (the trials report their images per second at every milestone)."""
 
     def __init__(self, plan: RunPlan, quiet: bool) -> None:
         self.plan, self.quiet = plan, quiet
         self.best: dict[str, float] = {}
         self.done: set[str] = set()
         self.running: set[str] = set()
+        self.reached: dict[str, tuple[str, int]] = {}  # trial id -> (category, its latest milestone epoch)
+        self.speeds: list[float] = []  # measured seconds per training image over the calibrated ones
+
+    def record(
+        self, trial_id: str, category: str, epoch: int | None, images_per_second: float | None
+    ) -> None:
+        """A trial's milestone: how far it got, and how fast its last epoch trained."""
+        if epoch is not None:
+            self.reached[trial_id] = (category, int(epoch))
+        estimate = self.plan.estimate
+        if estimate is not None and images_per_second:
+            self.speeds.append(1 / images_per_second / estimate.calibration.train_seconds_per_image)
+
+    def time_left(self) -> str:
+        """The estimated wall time left, from the estimate corrected by the measured epochs; "" without an
+        estimate."""
+        estimate = self.plan.estimate
+        if estimate is None:
+            return ""
+        factor = sum(self.speeds) / len(self.speeds) if self.speeds else 1.0
+        calibration = estimate.calibration
+        milestones = self.plan.milestones
+        left = []
+        for cost in estimate.categories:
+            started = [
+                epoch
+                for trial, (category, epoch) in self.reached.items()
+                if category == cost.category and trial not in self.done
+            ]
+            finished = sum(1 for trial in self.done if self.reached.get(trial, ("",))[0] == cost.category)
+            waiting = sorted(cost.trial_seconds)[: max(0, cost.trials - len(started) - finished)]
+            share = cost.train_seconds / cost.device_seconds if cost.device_seconds else 0.0
+            left += [seconds * (1 + share * (factor - 1)) for seconds in waiting]
+            left += [
+                (cost.epochs - epoch) * cost.train_images * calibration.train_seconds_per_image * factor
+                + sum(1 for m in milestones if m > epoch)
+                * cost.eval_images
+                * calibration.infer_seconds_per_image
+                for epoch in started
+            ]
+        wall = makespan(left, estimate.slots.count) if left else 0.0
+        source = (
+            f"training steps x{factor:.2f} as measured so far" if self.speeds else "no epoch measured yet"
+        )
+        return f" | left about {duration(wall)} of the estimated {duration(estimate.wall_seconds)} ({source})"
 
     def callback(self) -> ProgressCallback:
         return ProgressCallback(self)
@@ -58,7 +110,8 @@ class ProgressView:
             return
         best = ", ".join(f"{c} {v:.3f}" for c, v in sorted(self.best.items()))
         print(
-            f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}",
+            f"[train] {event} | trials done {len(self.done)}, running {len(self.running)} | best: {best}"
+            f"{self.time_left()}",
             flush=True,
         )
 
@@ -77,6 +130,7 @@ class ProgressCallback(tune.Callback):
         category = trial.config["category"]
         value = result.get("selection_value", float("nan"))
         view.best[category] = max(view.best.get(category, -math.inf), value)
+        view.record(trial.trial_id, category, result.get("epoch"), result.get("images_per_second"))
         telemetry.record_best(category, view.best[category])
         note = f" ({result['device_note']})" if result.get("device_note") else ""
         view.show(f"{category} epoch {result.get('epoch')}: {view.plan.space.metric} {value:.4f}{note}")
@@ -202,5 +256,8 @@ def tune_callbacks(
             # its run instead of restarting it (Ray's default is resume=False)
             resume="allow",
             reinit="finish_previous",  # what Ray's reinit=True meant, which wandb 0.31 warns is deprecated
+            # how long the end of training (or a Ctrl-C) waits for the runs' `wandb.finish`: Ray's default,
+            # 30 minutes, kept an interrupted driver waiting on actors whose trials had been stopped
+            upload_timeout=FINISH_TIMEOUT_S[mode],
         )
     ]

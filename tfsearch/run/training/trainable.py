@@ -2,9 +2,15 @@
 
 It is a plain function of its config (category, training hyperparameters) and the plan's settings; retries,
 placement and restore are Ray Tune's. At each milestone it scores the default (λ, n) on the selection split,
-logs the milestone in the training folder and reports to Tune. The training folder in the storage is the one
-copy of a run's checkpoints: a retried or resumed trial continues from its latest milestone there, so Tune is
-handed no checkpoint of its own to copy (which would store every milestone twice).
+logs the milestone in the training folder and reports to Tune. With `--patience K` it also logs the
+milestone's best value over the space's (λ, n) and ends training once K milestones in a row did not improve
+on it (`tfsearch.run.training.early_stop`), recording the decision in `early_stop.json`; the decision is
+recomputed from the milestone log when a trial starts, so a resumed or retried trial of a category that
+stopped trains nothing more, and one cut off before its decision reaches the same one.
+
+The training folder in the storage is the one copy of a run's checkpoints: a retried or resumed trial
+continues from its latest milestone there, so Tune is handed no checkpoint of its own to copy (which would
+store every milestone twice).
 
 With an object-store `--storage` a trial works in a node-local scratch folder (`TrainingFolder`): it first
 downloads what the storage holds of its training run (so a trial continued on another node never retrains a
@@ -34,9 +40,10 @@ from tfsearch.maps.fusion import fuse
 from tfsearch.maps.metrics import GroundTruth, evaluate
 from tfsearch.run.plan import TrialSettings, model_id, seeded_model
 from tfsearch.run.space import TRAINABLE
+from tfsearch.run.training.early_stop import StopDecision, milestone_best, stop_decision
 from tfsearch.store.atomic import atomic_write_json
 from tfsearch.store.location import Location
-from tfsearch.store.run_folder import MILESTONE_LOG, now, read_milestone_log
+from tfsearch.store.run_folder import EARLY_STOP_FILE, MILESTONE_LOG, now, read_milestone_log
 from tfsearch.transfusion.job import CHECKPOINT_FILE, MODEL_FILE, TrainDir, TrainJob
 from tfsearch.transfusion.profiles import GPU_PROFILES
 from tfsearch.transfusion.runtime import Runtime
@@ -90,7 +97,12 @@ class TrainingFolder:
         """Fetch the job, history and milestone log, the latest whole training state, and the weights and
         maps of every milestone the log does not list yet (a killed attempt saved them but did not log)."""
         folder = TrainDir(self.path)
-        for path in (folder.job_file, folder.history_file, self.path / MILESTONE_LOG):
+        for path in (
+            folder.job_file,
+            folder.history_file,
+            self.path / MILESTONE_LOG,
+            self.path / EARLY_STOP_FILE,
+        ):
             self.remote.download(self.relative(path), path)
         stored = self.remote.files("checkpoints")  # "epoch-0040/model.pt", "epoch-0040/trainer.pt", ...
 
@@ -108,6 +120,11 @@ class TrainingFolder:
                 # the maps from the weights
                 if META_FILE in self.remote.files(maps):
                     self.remote.download(maps, folder.maps(epoch, split))
+
+    def publish_stop(self) -> None:
+        """Upload the record of an early stop, when training stopped early (`--patience`)."""
+        if self.remote is not None and (self.path / EARLY_STOP_FILE).is_file():
+            self.remote.upload(self.path / EARLY_STOP_FILE, EARLY_STOP_FILE)
 
     def publish(self, epoch: int) -> None:
         """Upload milestone `epoch` once, its parts in parallel: maps, weights and training state, job and
@@ -129,7 +146,8 @@ class TrainingFolder:
 
 
 def train_category(config: dict, settings: TrialSettings) -> None:
-    """Ray Tune trainable: train one category (one training configuration) to its last milestone.
+    """Ray Tune trainable: train one category (one training configuration) to its last milestone, or to
+    where `--patience` stops it.
 
     At each milestone it scores the default (λ, n) on the selection split, logs the milestone in the training
     folder (uploaded to an object-store storage) and reports to Tune.
@@ -155,17 +173,31 @@ def train_in_folder(
     torch.set_num_threads(max(1, int(settings.cpus)))
     device_note = check_device(job, settings.allow_cpu)
 
-    runtime = Runtime("auto", settings.precision, progress=False, channels_last=settings.channels_last)
+    runtime = Runtime(
+        "auto",
+        settings.precision,
+        progress=False,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+    )
     trainer = Trainer(job, train_dir, runtime)
     trainer.start(resume=True)  # a retried or resumed trial continues from its folder's latest milestone
     node_id = ray.get_runtime_context().get_node_id()
     started = now()
 
     def log_milestone(epoch: int, images_per_second: float, loss: float) -> dict[str, float]:
-        """Score the default (λ, n) on the selection split and record the milestone (keyed by epoch)."""
+        """Score the default (λ, n) on the selection split, and with `--patience` the best (λ, n) too, and
+        record the milestone (keyed by epoch)."""
         maps = read_map_set(TrainDir(train_dir).maps(epoch, settings.split))
         fused = fuse(maps.m_disc, maps.m_recon, settings.lam, settings.kernel)
         metrics = evaluate(GroundTruth.from_masks(np.asarray(maps.masks)), fused)
+        best = {}
+        if settings.patience:
+            maps_dir = TrainDir(train_dir).maps(epoch, settings.split)
+            value, lam, kernel = milestone_best(
+                maps_dir, settings.metric, settings.lam_values, settings.kernel_values
+            )
+            best = {"best_value": value, "best_lam": lam, "best_kernel": kernel}
         row = {
             "category": category,
             "model": model,
@@ -179,6 +211,7 @@ def train_in_folder(
             "finished_at": now(),
             "images_per_second": images_per_second,
             "loss": loss,
+            **best,
             **({} if seed is None else {"seed": seed}),
         }
         log = [r for r in read_milestone_log(train_dir) if r["epoch"] != epoch] + [row]
@@ -186,13 +219,41 @@ def train_in_folder(
         folder.publish(epoch)
         return metrics
 
+    def decide() -> bool:
+        """Whether training stops at the logged milestones: `stop_decision` on the log, so a trial cut off
+        between its log and its decision decides the same; the stop is recorded (and published) once."""
+        if settings.patience == 0:
+            return False
+        log = read_milestone_log(train_dir)
+        values = [(r["epoch"], float(r["best_value"])) for r in log]
+        decision = stop_decision(values, settings.patience, trainer.milestones[-1])
+        if decision is not None and not (train_dir / EARLY_STOP_FILE).is_file():
+            record_stop(decision)
+        return decision is not None
+
+    def record_stop(decision: StopDecision) -> None:
+        atomic_write_json(
+            train_dir / EARLY_STOP_FILE,
+            {"category": category, "model": model, "metric": settings.metric, **decision.as_dict()},
+        )
+        folder.publish_stop()
+        print(
+            f"[train] {category}{'' if model == 'default' else ' ' + model} stopped early at epoch"
+            f" {decision.epoch}: {settings.metric} has not improved for {decision.patience} milestones"
+            f" (best {decision.best_value:.4f} at epoch {decision.best_epoch});"
+            f" {decision.epochs_not_trained} epochs not trained",
+            flush=True,
+        )
+
     # milestones that a killed attempt checkpointed but did not get to log
     logged = {r["epoch"] for r in read_milestone_log(train_dir)}
     for row in trainer.history:
         if row["epoch"] in trainer.milestones and row["epoch"] not in logged:
             log_milestone(row["epoch"], row["images_per_second"], row["loss_total"])
+    if decide():
+        return  # this category stopped early: a resumed or retried trial trains nothing more
 
-    def report(milestone) -> None:
+    def report(milestone) -> bool:
         metrics = log_milestone(milestone.epoch, milestone.images_per_second, milestone.loss)
         value = metrics[settings.metric]
         telemetry.record_milestone(category, milestone.images_per_second)
@@ -212,6 +273,7 @@ def train_in_folder(
                 **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
             },
         )
+        return decide()
 
     trainer.fit(on_milestone=report)
 
