@@ -173,6 +173,12 @@ def test_compile_without_a_compiler_is_refused_before_training(
     assert main([*args, "--profile", "cpu", "--out", str(out), "--quiet", "--compile"]) == 2
     assert "--compile needs a C++ compiler" in capsys.readouterr().err
     assert not (out / "job.json").exists()
+    # `tfsearch run` names it before Ray starts or anything is written, not inside each trial
+    runs = tmp_path / "runs"
+    argv = ["run", "--dataset", "demo", "--data-root", str(demo_dataset_root), "--profile", "cpu"]
+    assert main([*argv, "--runs-root", str(runs), "--compile", "--wandb", "disabled", "--quiet"]) == 2
+    assert "--compile needs a C++ compiler" in capsys.readouterr().err
+    assert not runs.exists()
 
 
 @needs_compiler

@@ -21,6 +21,7 @@ from tfsearch.store.location import Location, run_location
 from tfsearch.store.run_folder import CONFIG_FILE, read_config
 from tfsearch.transfusion.job import TrainJob
 from tfsearch.transfusion.profiles import GPU_PROFILES, QUICK_PROFILE, Profile
+from tfsearch.transfusion.runtime import Runtime
 
 if TYPE_CHECKING:
     from tfsearch.run.cost import PlanCost
@@ -315,6 +316,9 @@ def make_plan(args) -> RunPlan:
             " to train on the CPU (the paper profile takes days per category there), or --address to join"
             " a cluster with GPUs"
         )
+    if getattr(args, "compile", False) and local_cuda is not None:
+        # the trials train on this machine: a missing compiler is named now, not inside every trial
+        Runtime(compile=True).compile_check(torch.device("cuda" if gpus_per_trial > 0 else "cpu"))
     seeds = resolve_seeds(getattr(args, "seeds", None), space)
     location = run_location(args.storage, name) if args.storage else Location.local(run_dir)
     return RunPlan(
