@@ -57,6 +57,7 @@ from tfsearch.run.selection.candidates import Candidate, CategoryMaps
 from tfsearch.run.selection.log import candidates_frame, grid_importance
 from tfsearch.run.selection.study import StudySpec, best_candidate, run_study
 from tfsearch.run.space import Space, parse_space
+from tfsearch.transfusion.calibration import cpu_model
 
 KERNELS = [1, 3, 5, 7, 9, 11, 15, 21]
 STUDIES = ("exhaustive", "tpe", "tpe, all metrics")
@@ -155,16 +156,6 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def best(study: optuna.Study) -> float:
     return max(t.value for t in study.trials if t.value is not None)
 
@@ -246,7 +237,7 @@ def main() -> None:
                 if name == "exhaustive":
                     measure_tables(measured, urls[name, repeat], f"{name}/c", default)
 
-    print(f"machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} cores;", end=" ")
+    print(f"machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores;", end=" ")
     print(f"load average at start {load_at_start}, at end {load()}")
     print(f"{args.maps} maps of {args.size}², {args.milestones} milestones, n {kernels}", end="")
     repeats = ", each time figure min / median / max" if args.repeats > 1 else ""

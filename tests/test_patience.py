@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from test_search import TINY
 
 from tfsearch.cli import build_parser, main
 from tfsearch.errors import InputError
@@ -127,21 +128,10 @@ def test_a_bad_patience_key_or_flag_is_an_error_naming_it(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ a run
 def space_payload(**changes) -> dict:
     payload = {
+        **TINY,
         "name": "patient",
         "description": "a tiny per-class space with early stopping",
-        "scope": "per_class",
-        "profile": "cpu",
-        "profile_overrides": {
-            "epochs": 6,
-            "image_size": 32,
-            "base_channels": 8,
-            "norm_groups": 4,
-            "head_norm_groups": 4,
-            "time_dim": 32,
-            "batch_size": 16,
-            "milestone_every": 1,
-            "steps": 4,
-        },
+        "profile_overrides": {**TINY["profile_overrides"], "epochs": 6},
         "patience": 2,
         "selection": {"metric": "image_auroc", "sampler": "exhaustive", "lam_points": 3, "seed": 0},
         "params": {"epoch": "milestones", "lam": {"low": 0.5, "high": 1.0}, "kernel": {"choices": [1, 3]}},
