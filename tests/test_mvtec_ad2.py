@@ -12,6 +12,7 @@ from bisect import bisect
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import tifffile
 import torch
@@ -72,10 +73,10 @@ def reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:
     return (float(np.sum(0.5 * (y[1:] + y[:-1]) * (x[1:] - x[:-1]))) + correction) / limit
 
 
-def reference_threshold(maps: np.ndarray, normal: np.ndarray) -> float:
-    """mean + 3 std of the normal images' pixels (MVTec's suggested baseline), plainly."""
+def reference_threshold(maps: np.ndarray, normal: np.ndarray, k: float = 3.0) -> float:
+    """mean + k std of the normal images' pixels (k = 3: MVTec's suggested baseline), plainly."""
     pixels = np.concatenate([m.astype(np.float64).ravel() for m, ok in zip(maps, normal, strict=True) if ok])
-    return float(np.mean(pixels) + 3 * np.std(pixels))
+    return float(np.mean(pixels) + k * np.std(pixels))
 
 
 def reference_seg_f1(masks: np.ndarray, maps: np.ndarray, threshold: float) -> float:
@@ -275,6 +276,83 @@ def test_seg_f1_on_the_test_set_takes_its_threshold_from_the_validation_maps(tmp
     assert milestone_seg_threshold(test_dir, 0.7, 3)["split"] == "test"
 
 
+def test_a_searched_threshold_k_is_chosen_with_the_configuration_on_validation_data_only(tmp_path):
+    """`params.seg_sigmas` searched with `selection.metric: seg_f1`: the study picks (epoch, λ, n, k) with the
+    best validation SegF1, equal to a brute force over every combination with the reference implementations;
+    the test maps are not there while it runs. The chosen k also sets the test SegF1 and the export's rule."""
+    from tfsearch.run.selection.study import StudySpec, best_candidate, run_study
+    from tfsearch.run.space import parse_space
+    from tfsearch.store.run_folder import TRIAL_COLUMNS
+
+    rng = np.random.default_rng(11)
+    dirs = {}
+    for epoch in (1, 2):
+        for split, count in (("test", 6), ("val", 8)):
+            masks = _masks(rng, count, 16, 16)
+            write_map_set(tmp_path / "maps" / split / f"epoch-{epoch:04d}", _map_set(rng, masks, split))
+        dirs["default", epoch] = tmp_path / "maps" / "val" / f"epoch-{epoch:04d}"
+    ks = [0.5, 1.0, 2.0, 3.0]
+    payload = {"name": "t", "profile": "cpu", "selection": {"metric": "seg_f1", "sampler": "exhaustive"},
+               "params": {"epoch": "milestones", "lam": {"grid": [0.3, 0.7]}, "kernel": {"grid": [1, 3]},
+                          "seg_sigmas": {"grid": ks}}}  # fmt: skip
+    space = parse_space(payload, "t.yaml")
+    shutil.move(tmp_path / "maps" / "test", tmp_path / "hidden")  # no test label can be read
+    default = Candidate("default", 2, 0.95, 3)
+    spec = StudySpec("t/can", space, {"can": CategoryMaps(dirs, (1, 3))}, sorted(dirs), default)
+    chosen, choice = best_candidate(run_study(optuna.storages.InMemoryStorage(), spec), default)
+
+    brute = {}
+    for (_, epoch), folder in dirs.items():
+        maps = read_map_set(folder)
+        masks, normal = np.asarray(maps.masks), ~np.asarray(maps.masks).any(axis=(1, 2))
+        for lam in (0.3, 0.7):
+            for n in (1, 3):
+                fused = fuse(maps.m_disc, maps.m_recon, lam, n)
+                for k in ks:
+                    brute[epoch, lam, n, k] = reference_seg_f1(
+                        masks, fused, reference_threshold(fused, normal, k)
+                    )
+    best = max(brute.values())
+    assert choice["value"] == pytest.approx(best, abs=1e-12) and choice["trial"] is not None
+    assert brute[chosen.epoch, chosen.lam, chosen.kernel, chosen.seg_sigmas] == pytest.approx(best, abs=1e-12)
+    assert len({round(v, 12) for v in brute.values()}) > len(brute) // 4  # k moves SegF1: a real choice
+    assert "seg_sigmas" in TRIAL_COLUMNS and {"aupro_05", "seg_f1"} <= set(TRIAL_COLUMNS)
+
+    # the test SegF1 of the choice binarises the test maps at the validation threshold of the chosen k
+    shutil.move(tmp_path / "hidden", tmp_path / "maps" / "test")
+    test_dir, val_dir = (tmp_path / "maps" / s / f"epoch-{chosen.epoch:04d}" for s in ("test", "val"))
+    val, test = read_map_set(val_dir), read_map_set(test_dir)
+    normal = ~np.asarray(val.masks).any(axis=(1, 2))
+    threshold = reference_threshold(
+        fuse(val.m_disc, val.m_recon, chosen.lam, chosen.kernel), normal, chosen.seg_sigmas
+    )
+    tested = CategoryMaps({("default", chosen.epoch): test_dir}).evaluate(chosen)
+    test_fused = fuse(test.m_disc, test.m_recon, chosen.lam, chosen.kernel)
+    assert tested["seg_f1"] == pytest.approx(reference_seg_f1(np.asarray(test.masks), test_fused, threshold))
+    recorded = milestone_seg_threshold(test_dir, chosen.lam, chosen.kernel, chosen.seg_sigmas)
+    assert recorded["value"] == pytest.approx(threshold, rel=1e-12)
+    assert recorded["rule"] == f"mean + {chosen.seg_sigmas:g} std of the normal images' pixels"
+
+
+@pytest.mark.parametrize(
+    ("params", "metric", "message"),
+    [
+        ({"seg_sigmas": {"grid": [1, 3]}}, "image_auroc", "searched values change SegF1 alone.*image_auroc"),
+        ({"seg_sigmas": -1}, "seg_f1", "params.seg_sigmas: expected finite numbers >= 0"),
+        ({"seg_sigmas": {"choices": [2, math.inf]}}, "seg_f1", "params.seg_sigmas: expected finite numbers"),
+        ({"seg_sigma": 2}, "seg_f1", r"unknown parameter\(s\) \['seg_sigma'\]; known: epoch, lam, kernel"),
+    ],
+)
+def test_a_bad_seg_sigmas_is_an_error_naming_the_key(params, metric, message):
+    from tfsearch.run.space import parse_space
+
+    payload = {"name": "t", "selection": {"metric": metric, "sampler": "tpe", "trials": 4}, "params": params}
+    with pytest.raises(InputError, match=message):
+        parse_space(payload, "t.yaml")
+    fixed = parse_space({**payload, "params": {"seg_sigmas": 2}}, "t.yaml")  # a fixed k: any metric
+    assert fixed.values("seg_sigmas", 3.0) == (2,)
+
+
 def test_synthetic_validation_uses_the_validation_split_and_holds_out_no_training_image(tmp_path):
     from tfsearch.transfusion.job import TrainJob
     from tfsearch.transfusion.profiles import get_profile
@@ -419,7 +497,7 @@ def test_run_on_validation_then_export_and_submit(tmp_path, ray_instance, capsys
     """train -> run --select-on val (selection metric SegF1) -> export -> predict --mvtec-ad2-submission.
     The test maps (and with them the test masks) are moved away while the candidates are selected and while
     the export chooses its thresholds: neither reads them. The submission passes the layout check."""
-    from test_search import write_space
+    from test_search import TINY, write_space
 
     from tfsearch.deploy.export import export_run
     from tfsearch.run.plan import make_plan
@@ -430,7 +508,9 @@ def test_run_on_validation_then_export_and_submit(tmp_path, ray_instance, capsys
     from tfsearch.transfusion.job import TrainDir
 
     root = write_mvtec_ad2(tmp_path / "ad2", ("can",))
-    space = write_space(tmp_path, selection={"metric": "seg_f1", "sampler": "tpe", "trials": 4, "seed": 0})
+    params = {**TINY["params"], "seg_sigmas": {"choices": [1, 2, 3]}}  # SegF1's threshold k searched too
+    selection = {"metric": "seg_f1", "sampler": "tpe", "trials": 4, "seed": 0}
+    space = write_space(tmp_path, selection=selection, params=params)
     argv = ["run", "--space", str(space), "--dataset", "mvtec_ad2", "--data-root", str(root), "--quiet",
             "--runs-root", str(tmp_path / "runs"), "--name", "ad2", "--wandb", "disabled",
             "--select-on", "val"]  # fmt: skip
@@ -454,14 +534,21 @@ def test_run_on_validation_then_export_and_submit(tmp_path, ray_instance, capsys
     exported = export_run(plan.run_dir, tmp_path / "models")
     shutil.move(hidden, train_dir.root / "maps" / "test")
 
-    # the export's mask threshold: mean + 3 std of the validation maps' normal images at the chosen candidate
+    # the export's mask threshold: mean + k std of the validation maps' normal images at the chosen candidate
     segmentation = json.loads((exported[0] / "manifest.json").read_text())["segmentation_threshold"]
-    chosen = Candidate(*(row[f"selected_{k}"] for k in ("model", "epoch", "lam", "kernel")))
+    chosen = Candidate(*(row[f"selected_{k}"] for k in ("model", "epoch", "lam", "kernel", "seg_sigmas")))
+    assert chosen.seg_sigmas in (1, 2, 3) and segmentation["rule"].startswith(
+        f"mean + {chosen.seg_sigmas:g} std"
+    )
+    with (plan.run_dir / "trials.csv").open(newline="") as handle:
+        selects = [r for r in csv.DictReader(handle) if r["stage"] == "select"]
+    assert len(selects) == 4 and all(r["seg_f1"] != "" and r["seg_sigmas"] != "" for r in selects)
     val = read_map_set(train_dir.maps(chosen.epoch, "val"))
     normal = ~np.asarray(val.masks).any(axis=(1, 2))  # validation/good (and a synthetic one left unchanged)
     assert normal[:4].all() and segmentation["split"] == "val"
     assert segmentation["normal_images"] == normal.sum()
-    threshold = reference_threshold(fuse(val.m_disc, val.m_recon, chosen.lam, chosen.kernel), normal)
+    val_fused = fuse(val.m_disc, val.m_recon, chosen.lam, chosen.kernel)
+    threshold = reference_threshold(val_fused, normal, chosen.seg_sigmas)
     assert segmentation["value"] == pytest.approx(threshold, rel=1e-9)
     # the test SegF1 of the chosen candidate binarises the test maps at that validation threshold
     test_dir = train_dir.maps(chosen.epoch, "test")
@@ -564,9 +651,12 @@ def test_evaluate_shows_mvtec_ad2_metrics_with_segf1_thresholded_on_the_validati
 # ------------------------------------------------------------------------------------------ the report
 
 
-def _ad2_run(root: Path, name: str, select_on: str, categories: list[str], extended: bool = True) -> Path:
+def _ad2_run(
+    root: Path, name: str, select_on: str, categories: list[str], extended: bool = True, ks: tuple = ()
+) -> Path:
     """A finished run folder of `--dataset mvtec_ad2` (no training), its selected.csv with MVTec AD 2's
-    metrics (`extended`) or as a version before them wrote it."""
+    metrics (`extended`; with `ks` the k of SegF1's threshold each category selected) or as a version before
+    them wrote it."""
     from test_report import make_run
     from test_report import read_csv as read_rows
     from test_report import write_csv as write_rows
@@ -581,8 +671,12 @@ def _ad2_run(root: Path, name: str, select_on: str, categories: list[str], exten
         for row in rows:
             for prefix in ("default", "selected"):
                 row[f"{prefix}_test_aupro_05"], row[f"{prefix}_test_seg_f1"] = rng.uniform(0.1, 0.9, 2)
+        for row, k in zip(rows, ks or [3.0] * len(rows), strict=True):
+            row["default_seg_sigmas"], row["selected_seg_sigmas"] = 3.0, k
     else:
-        columns = tuple(c for c in SELECTED_COLUMNS if not c.endswith(("_aupro_05", "_seg_f1")))
+        columns = tuple(
+            c for c in SELECTED_COLUMNS if not c.endswith(("_aupro_05", "_seg_f1", "_seg_sigmas"))
+        )
     write_rows(run / "selected.csv", columns, rows)
     return run
 
@@ -593,7 +687,7 @@ def test_the_report_has_mvtec_ad2_tables_in_the_supplements_shape_without_a_publ
     from tfsearch import report
 
     shuffled = ["walnuts", "can", "vial", "fabric"]  # shown in MVTec's order
-    val = _ad2_run(tmp_path, "val", "val", shuffled)
+    val = _ad2_run(tmp_path, "val", "val", shuffled, ks=(4.5, 2.0, 3.0, 3.0))  # SegF1's k searched
     oracle = _ad2_run(tmp_path, "oracle", "test", shuffled[:3])
     out = report.write_report([val, oracle], out=tmp_path / "out", wandb="disabled", quiet=True)
     tables = out / "tables"
@@ -621,7 +715,11 @@ def test_the_report_has_mvtec_ad2_tables_in_the_supplements_shape_without_a_publ
         in text
     )
     assert "Run oracle: selected on test_public itself, test (oracle)" in text
-    assert "mean + 3·std of every pixel of the normal validation images (validation/good)" in text
+    assert "mean + k·std of every pixel of the normal validation images (validation/good)" in text
+    assert (
+        "k = 3 (k as selected where the space searched it: run val: can 2, fabric 3, vial 3, walnuts 4.5)"
+        in text
+    )
     assert "not at each image's own size" in text and "tfsearch score --dataset mvtec_ad2" in text
     assert "AU-PRO (FPR 0.05)" in text and "SegF1" in (tables / "mvtec_ad2_seg_f1.tex").read_text()
 

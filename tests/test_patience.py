@@ -16,12 +16,13 @@ from tfsearch.cli import build_parser, main
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import MapSet, write_map_set
 from tfsearch.maps.fusion import fuse
-from tfsearch.maps.metrics import GroundTruth, evaluate
+from tfsearch.maps.metrics import GroundTruth, evaluate, seg_f1, segmentation_threshold
 from tfsearch.run.pipeline import execute
 from tfsearch.run.plan import make_plan
 from tfsearch.run.selection.stage import study_spec
 from tfsearch.run.selection.study import run_study
 from tfsearch.run.space import load_space
+from tfsearch.run.start import start_run
 from tfsearch.run.training.early_stop import StopDecision, milestone_best, stop_decision
 
 NAN = math.nan
@@ -79,9 +80,23 @@ def test_a_milestones_best_is_the_exact_best_over_the_spaces_lambda_and_n(tmp_pa
         every = {
             (lam, n): evaluate(truth, fuse(m_disc, m_recon, lam, n))[metric] for n in kernels for lam in lams
         }
-        value, lam, kernel = milestone_best(tmp_path / "maps", metric, lams, kernels)
+        value, lam, kernel, sigmas = milestone_best(tmp_path / "maps", metric, lams, kernels)
         assert value == pytest.approx(max(every.values()), abs=1e-12)
-        assert every[lam, kernel] == pytest.approx(value, abs=1e-12)
+        assert every[lam, kernel] == pytest.approx(value, abs=1e-12) and sigmas == 3.0
+    # SegF1 with its threshold's k searched too (these maps have no validation maps: their own normal images)
+    normal = ~masks.any(axis=(1, 2))
+    every = {}
+    for n in kernels:
+        for lam in lams:
+            fused = fuse(m_disc, m_recon, lam, n)
+            for k in (1.0, 2.0, 3.0):
+                every[lam, n, k] = seg_f1(truth, fused, segmentation_threshold(fused, normal, k))
+    value, lam, kernel, sigmas = milestone_best(tmp_path / "maps", "seg_f1", lams, kernels, (1.0, 2.0, 3.0))
+    assert value == pytest.approx(max(every.values()), abs=1e-12)
+    assert every[lam, kernel, sigmas] == pytest.approx(value, abs=1e-12)
+    assert (
+        len({k for k in (1.0, 2.0, 3.0) if max(v for key, v in every.items() if key[2] == k) == value}) == 1
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -160,8 +175,9 @@ def scripted_trainable(script: dict[str, list[float]]):
 
         values = script[config["category"]]
 
-        def best(maps_dir, metric, lam_values, kernel_values):
-            return values[int(Path(maps_dir).name.split("-")[1]) - 1], lam_values[0], kernel_values[0]
+        def best(maps_dir, metric, lam_values, kernel_values, sigma_values):
+            value = values[int(Path(maps_dir).name.split("-")[1]) - 1]
+            return value, lam_values[0], kernel_values[0], sigma_values[0]
 
         real = trainable.milestone_best
         trainable.milestone_best = best
@@ -256,8 +272,14 @@ def test_a_category_stops_early_and_everything_after_treats_it_as_finished(
         ("disk", "4", "2")
     ]
 
-    # --resume of the stopped run trains nothing more
+    # --resume with another --patience is refused, naming both values, and changes nothing
     before = {**files(disk), **files(stripes)}
+    other = make_plan(build_parser().parse_args([*argv, "--resume", "--patience", "3"]))
+    with pytest.raises(InputError, match=r"in \['patience'\]; patience: the run has 2, this command 3\."):
+        start_run(other, resume=True)
+    assert {**files(disk), **files(stripes)} == before
+
+    # --resume of the stopped run trains nothing more
     resumed = make_plan(build_parser().parse_args([*argv, "--resume"]))
     again = {r["category"]: r for r in execute(resumed, resume=True, trainable=scripted_trainable(SCRIPT))}
     assert {**files(disk), **files(stripes)} == before

@@ -165,5 +165,5 @@ def test_two_seeds_select_by_the_mean_and_report_mean_and_std(tmp_path, demo_dat
 
     # resuming with another number of seeds is refused, naming the flag
     other = plan_for(tmp_path, demo_dataset_root, "seeds", "stripes", "--seeds", "3")
-    with pytest.raises(InputError, match=r"--seeds 3 where the run trained 2 seed"):
+    with pytest.raises(InputError, match=r"seeds: the run has 2, this command 3"):
         start_run(other, resume=True)

@@ -290,14 +290,15 @@ def test_ties_are_broken_by_pixel_ap_only_when_asked(tmp_path):
     signal = {10: 0.6, 20: 0.9, 30: 0.7}  # every milestone separates the images perfectly: AUROC 1.0
     plan = study_plan(tmp_path / "a", payload, signal)
     chosen, choice = best_candidate(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
-    assert chosen == plan.default and choice["tied"] == 4  # 3 candidates and the default, all at 1.0
-    assert choice_columns(choice) == {"tied_at_best": 4, "tie_break_metric": "", "cannot_rank": True}
+    # 3 candidates at 1.0, the default (epoch 30) among them: counted once
+    assert chosen == plan.default and choice["tied"] == 3
+    assert choice_columns(choice) == {"tied_at_best": 3, "tie_break_metric": "", "cannot_rank": True}
 
     plan = study_plan(tmp_path / "b", payload, signal, tie_break="pixel_ap")
     chosen, choice = best_candidate(run_study(optuna.storages.InMemoryStorage(), plan), plan.default)
     pixel_ap = {e: plan.maps["c"].evaluate(Candidate("default", e, 0.95, 3))["pixel_ap"] for e in EPOCHS}
     assert chosen.epoch == max(pixel_ap, key=pixel_ap.get) == 20
-    assert choice_columns(choice) == {"tied_at_best": 4, "tie_break_metric": "pixel_ap", "cannot_rank": False}
+    assert choice_columns(choice) == {"tied_at_best": 3, "tie_break_metric": "pixel_ap", "cannot_rank": False}
 
 
 def test_tpe_study_runs_its_trials_and_records_only_the_objective(tmp_path):

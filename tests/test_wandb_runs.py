@@ -77,7 +77,7 @@ def test_each_study_run_holds_its_candidates_table_and_its_choice(tmp_path, monk
     studies = {scope: run_study(optuna.storages.InMemoryStorage(), spec) for scope, spec in plans.items()}
     defaults = {scope: Candidate(**study.user_attrs["choice"]["default"]) for scope, study in studies.items()}
     assert {s: d.as_params() for s, d in defaults.items()} == {
-        s: {"model": "default", "epoch": 30, "lam": 0.95, "kernel": 3} for s in ("c", "d")
+        s: {"model": "default", "epoch": 30, "lam": 0.95, "kernel": 3, "seg_sigmas": 3.0} for s in ("c", "d")
     }
     run_dir = tmp_path / "run"
     log_studies_to_wandb(studies, run_dir, "grp", "offline", None, None)
@@ -99,7 +99,7 @@ def test_each_study_run_holds_its_candidates_table_and_its_choice(tmp_path, monk
         )
         chosen, choice = best_candidate(study, defaults[scope])
         assert {
-            k: summary[f"selected_{k}"] for k in ("model", "epoch", "lam", "kernel")
+            k: summary[f"selected_{k}"] for k in ("model", "epoch", "lam", "kernel", "seg_sigmas")
         } == chosen.as_params()
         assert summary["selected_is_default"] is (choice["trial"] is None)
         assert summary["tied_at_best"] == choice["tied"] and summary["selected_value"] == choice["value"]

@@ -42,6 +42,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(
             f"{manifest['dataset']}/{manifest['category']}: epoch {model['epoch']}, λ {model['lam']:.3f}, "
             f"n {model['kernel']}, threshold {threshold['value']:.4g} ({threshold['method']} on "
-            f"{threshold['split']}: F1 {threshold['f1']:.3f}) -> {folder}"
+            f"{threshold['split']}: F1 {threshold['f1']:.3f}){mask_threshold(manifest)} -> {folder}"
         )
     return 0
+
+
+def mask_threshold(manifest: dict) -> str:
+    """The pixel threshold of an MVTec AD 2 export, which binarises its submission masks, and its rule."""
+    segmentation = manifest.get("segmentation_threshold")
+    if manifest["dataset"] != "mvtec_ad2" or not isinstance(segmentation, dict):
+        return ""
+    return f", mask threshold {segmentation['value']:.4g} ({segmentation['rule']} of {segmentation['split']})"

@@ -99,4 +99,9 @@ def run_submission(args: argparse.Namespace, runtime: Runtime) -> int:
     )
     if result.not_uploadable:
         print(f"warning: not the submission the server takes as is: {'; '.join(result.not_uploadable)}")
+    else:
+        print(
+            f"to upload: `python check_and_prepare_data_for_upload.py {result.folder}` (MVTec's own check, in"
+            " MVTecAD2_public_code_utils) writes the archive the server takes"
+        )
     return 0

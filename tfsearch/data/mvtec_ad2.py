@@ -15,7 +15,7 @@ public code) and of anomalib's `MVTecAD2Dataset`. Image ids are `train/good/<ste
 public test image is "good" or "bad".
 
 The private test sets hold the same number of images each; `PRIVATE_IMAGE_COUNTS` are the counts MVTec's
-submission check (`check_and_prepare_data_for_upload.py`, `utils_check.py`) requires per category.
+submission check (`check_and_prepare_data_for_upload.py` and its `utils.py`) requires per category.
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ labels anomalous and the highest score below that, so that the labels of the sel
 the float rounding of a recomputed map. An image is anomalous when its score is at or above the threshold.
 
 The manifest also holds a pixel threshold, `segmentation_threshold`, that binarises the maps (a pixel is
-anomalous when its score is strictly above it; MVTec AD 2's thresholded submission masks and its SegF1):
-mean + 3·std of the normal images' pixels of the validation maps at the selected configuration
-(`tfsearch.maps.segmentation`), or, for a run without validation data (the oracle protocol), of the test
-set's normal images; its `split` says which.
+anomalous when its score is strictly above it; MVTec AD 2's thresholded submission masks and its SegF1): mean
++ k·std of the normal images' pixels of the validation maps at the selected configuration, k as selected
+(`selected_seg_sigmas`, 3 unless the space searched it; `tfsearch.maps.segmentation`), or, for a run without
+validation data (the oracle protocol), of the test set's normal images; its `split` says which.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def export_category(
     maps = read_map_set(maps_dir)
     fused = fuse(maps.m_disc, maps.m_recon, selected.lam, selected.kernel)
     threshold = {**choose_threshold(image_scores(fused), maps.labels, at_fpr), "split": split}
-    segmentation = milestone_seg_threshold(maps_dir, selected.lam, selected.kernel)
+    segmentation = milestone_seg_threshold(maps_dir, selected.lam, selected.kernel, selected.seg_sigmas)
 
     state, weights_source = source.model_state(selected.epoch)
     model = TransFusionUNet(job.profile)

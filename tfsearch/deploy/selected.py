@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import METRIC_NAMES
+from tfsearch.maps.metrics import METRIC_NAMES, SEG_THRESHOLD_SIGMAS
 from tfsearch.store import run_folder
 from tfsearch.store.location import Location
 from tfsearch.store.run_folder import CONFIG_FILE, SELECTED_FILE
@@ -54,6 +54,7 @@ class Selected:
     kernel: int
     selection_value: float
     test_metrics: dict[str, float]
+    seg_sigmas: float = SEG_THRESHOLD_SIGMAS  # k of SegF1's threshold (the default in runs before it)
 
 
 def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
@@ -88,6 +89,7 @@ def read_selected(run: Path) -> tuple[list[Selected], dict[str, str]]:
                 kernel=int(row["selected_kernel"]),
                 selection_value=_number(row["selected_selection_value"]),
                 test_metrics={m: _number(row[f"selected_test_{m}"]) for m in METRIC_NAMES},
+                seg_sigmas=float(row.get("selected_seg_sigmas") or SEG_THRESHOLD_SIGMAS),
             )
             for row in rows
         ]

@@ -29,8 +29,8 @@ MVTec AD 2's metrics (docs/mvtec-ad2.md) come beside them (`evaluate(extended=Tr
 - `aupro_05`: the AUPRO above integrated to FPR 0.05 instead of 0.3, normalised by 0.05;
 - `seg_f1`: the segmentation F1 of the maps binarised at one threshold (a pixel is anomalous when its score
   is strictly above it): 2·TP / (2·TP + FP + FN), the pixels of every image of the set pooled. The threshold
-  is chosen without test labels: `segmentation_threshold`, mean + 3·std of every pixel of the normal images
-  of the validation data (the baseline MVTec's submission check suggests).
+  is chosen without test labels: `segmentation_threshold`, mean + k·std of every pixel of the normal images
+  of the validation data, k = 3 by default (the baseline MVTec's submission check suggests) or searched.
 
 A metric that is undefined for the ground truth (no defect image, no normal image, no normal pixel) is NaN;
 `GroundTruth.undefined_reasons` says why, for reports.
@@ -55,7 +55,7 @@ EXTENDED_METRIC_NAMES = (*METRIC_NAMES, *EXTRA_METRIC_NAMES)
 MVTEC_AD2_METRIC_NAMES = ("image_auroc", "aupro_05", "aupro", "seg_f1")
 PRO_LIMIT = 0.3
 PRO_LIMIT_LOW = 0.05
-# the SegF1 threshold: mean + SEG_THRESHOLD_SIGMAS x std of the normal validation pixels
+# the SegF1 threshold's default k: mean + k x std of the normal validation pixels
 SEG_THRESHOLD_SIGMAS = 3.0
 # 8-connectivity for ground-truth regions, as MVTec's evaluation code labels them
 _REGION_STRUCTURE = np.ones((3, 3), dtype=int)
@@ -307,9 +307,12 @@ def evaluate(
     return values
 
 
-def segmentation_threshold(maps: np.ndarray, normal: np.ndarray | None = None) -> float:
-    """The SegF1 threshold: mean + 3·std (population, ddof 0, in float64) of every pixel of the maps of the
-    normal images (`normal`, bool per image; default every image). NaN when there is no normal image."""
+def segmentation_threshold(
+    maps: np.ndarray, normal: np.ndarray | None = None, sigmas: float = SEG_THRESHOLD_SIGMAS
+) -> float:
+    """The SegF1 threshold: mean + `sigmas`·std (population, ddof 0, in float64; MVTec's baseline k = 3) of
+    every pixel of the maps of the normal images (`normal`, bool per image; default every image). NaN when
+    there is no normal image."""
     maps = _real_scores(maps, "maps")
     chosen = [maps[i] for i in range(len(maps)) if normal is None or bool(normal[i])]
     if not chosen or sum(m.size for m in chosen) == 0:
@@ -322,7 +325,7 @@ def segmentation_threshold(maps: np.ndarray, normal: np.ndarray | None = None) -
     variance = float((squares.sum() + np.dot(sizes, (means - mean) ** 2)) / sizes.sum())
     if not (math.isfinite(mean) and math.isfinite(variance)):
         raise InputError("maps contain NaN or inf: expected finite anomaly scores")
-    return mean + SEG_THRESHOLD_SIGMAS * math.sqrt(variance)
+    return mean + sigmas * math.sqrt(variance)
 
 
 def seg_f1(gt: GroundTruth, maps: np.ndarray, threshold: float) -> float:

@@ -1,7 +1,8 @@
 """Where SegF1's binarisation threshold comes from, one rule for the selection, the run's tables and the
-export: mean + 3·std of every pixel of the normal images of the validation maps at the same configuration
-(`tfsearch.maps.metrics.segmentation_threshold`). A training run's validation maps lie beside its test maps;
-only a run without any (the oracle protocol) sets the threshold on the test set's own normal images."""
+export: mean + k·std of every pixel of the normal images of the validation maps at the same configuration
+(`tfsearch.maps.metrics.segmentation_threshold`; k = 3, or the space's `seg_sigmas` as selected). A training
+run's validation maps lie beside its test maps; only a run without any (the oracle protocol) sets the
+threshold on the test set's own normal images."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS, segmentation_threshold
 
 # the split whose normal images set the SegF1 threshold when a training run has it
 THRESHOLD_SPLIT = "val"
-SEG_THRESHOLD_RULE = f"mean + {SEG_THRESHOLD_SIGMAS:g} std of the normal images' pixels"
+
+
+def threshold_rule(sigmas: float = SEG_THRESHOLD_SIGMAS) -> str:
+    """The threshold rule in words, as the export's manifest and `tfsearch evaluate` state it."""
+    return f"mean + {sigmas:g} std of the normal images' pixels"
 
 
 def threshold_maps_dir(maps_dir: Path) -> Path | None:
@@ -29,16 +34,18 @@ def threshold_maps_dir(maps_dir: Path) -> Path | None:
     return sibling if map_set_exists(sibling) else None
 
 
-def milestone_seg_threshold(maps_dir: Path, lam: float, kernel: int) -> dict:
-    """SegF1's threshold for one milestone's maps at (λ, n), and what set it: `value`, `rule`, `split` (the
-    split whose normal images were used) and `normal_images` (how many)."""
+def milestone_seg_threshold(
+    maps_dir: Path, lam: float, kernel: int, sigmas: float = SEG_THRESHOLD_SIGMAS
+) -> dict:
+    """SegF1's threshold for one milestone's maps at (λ, n) and k = `sigmas`, and what set it: `value`,
+    `rule`, `split` (the split whose normal images were used) and `normal_images` (how many)."""
     source = threshold_maps_dir(maps_dir) or Path(maps_dir)
     maps = read_map_set(source)
     normal = ~np.asarray(maps.masks).any(axis=(1, 2))
     fused = fuse(maps.m_disc, maps.m_recon, lam, kernel)
     return {
-        "value": segmentation_threshold(fused, normal),
-        "rule": SEG_THRESHOLD_RULE,
+        "value": segmentation_threshold(fused, normal, sigmas),
+        "rule": threshold_rule(sigmas),
         "split": maps.meta.get("split") or source.parent.name,
         "normal_images": int(normal.sum()),
     }

@@ -1,5 +1,5 @@
 """MVTec AD 2 submissions: the folder MVTec's evaluation server takes, written and checked the way MVTec's
-submission check (`check_and_prepare_data_for_upload.py` with `src/utils_check.py`, shipped with the
+submission check (`check_and_prepare_data_for_upload.py` with its `utils.py`, shipped with the
 dataset's public code) checks it, before anything is uploaded:
 
     SUBMISSION/anomaly_images/CATEGORY/test_private/NNN_regular.tiff             float16, single channel

@@ -26,12 +26,26 @@ AD2_METRIC_LABELS = {
     "seg_f1": "SegF1",
 }
 NOT_PUBLISHED = "No TransFusion result on MVTec AD 2 is published: no published row and no Δ."
-SEG_F1_RULE = (
-    f"SegF1: the pixels of each category's test maps, pooled, binarised strictly above one threshold per"
-    f" category, mean + {SEG_THRESHOLD_SIGMAS:g}·std of every pixel of the normal validation images"
-    " (validation/good) at the same configuration; a run without validation maps (the oracle protocol) sets"
-    " it on test_public's normal images."
-)
+
+
+def seg_f1_rule(runs: list[RunResults]) -> str:
+    """SegF1's threshold rule, with each run's k where its space searched it (`selected_seg_sigmas`)."""
+    searched = []
+    for run in runs:
+        if "selected_seg_sigmas" in run.selected.columns:
+            ks = run.selected.set_index("category")["selected_seg_sigmas"].dropna()
+            if set(ks) - {SEG_THRESHOLD_SIGMAS}:
+                ordered = sorted(ks.items(), key=lambda item: _rank(item[0]))
+                searched.append(f"run {run.name}: " + ", ".join(f"{c} {k:g}" for c, k in ordered))
+    k = f"k = {SEG_THRESHOLD_SIGMAS:g}" + (
+        f" (k as selected where the space searched it: {'; '.join(searched)})" if searched else ""
+    )
+    return (
+        "SegF1: the pixels of each category's test maps, pooled, binarised strictly above one threshold per"
+        f" category, mean + k·std of every pixel of the normal validation images (validation/good) at the"
+        f" same configuration, {k}; a run without validation maps (the oracle protocol) sets it on"
+        " test_public's normal images."
+    )
 
 
 def protocol_line(run: RunResults) -> str:
@@ -83,8 +97,7 @@ def ad2_table(runs: list[RunResults], metric: str) -> Table | None:
     if not ours:
         return None
     found = list(dict.fromkeys(c for values in ours.values() for c in values.index))
-    rank = {c: i for i, c in enumerate(MVTEC_AD2_CATEGORIES)}
-    columns = sorted(found, key=lambda c: (rank.get(c, len(rank)), found.index(c)))
+    columns = sorted(found, key=lambda c: (_rank(c), found.index(c)))
     frame = pd.DataFrame.from_dict(
         {
             name: [*(float(values.get(c, math.nan)) for c in columns), float(values.mean(skipna=False))]
@@ -106,7 +119,7 @@ def ad2_table(runs: list[RunResults], metric: str) -> Table | None:
         NOT_PUBLISHED,
         *(protocol_line(run) for run in runs),
         default_note(runs),
-        *([SEG_F1_RULE] if metric == "seg_f1" else []),
+        *([seg_f1_rule(runs)] if metric == "seg_f1" else []),
         resolution_line(runs),
         *notes,
     ]
@@ -121,6 +134,12 @@ def ad2_table(runs: list[RunResults], metric: str) -> Table | None:
         paper=True,
         best_rows=best_rows,
     )
+
+
+def _rank(category: str) -> int:
+    """A category's place in MVTec's order (unknown names after the eight)."""
+    order = MVTEC_AD2_CATEGORIES
+    return order.index(category) if category in order else len(order)
 
 
 def ad2_tables(runs: list[RunResults]) -> list[Table]:

@@ -31,7 +31,7 @@ from tfsearch.transfusion.protocol import paper_protocol_note
 
 TRIAL_NEEDS = ("category", "stage", "model", "epoch", "lam", "kernel", "split", "image_auroc")
 # selected.csv's columns that a run written before them lacks: read as absent, not as a damaged table
-SELECTED_OPTIONAL = ("selection_value", *(f"test_{m}" for m in EXTRA_METRIC_NAMES))
+SELECTED_OPTIONAL = ("selection_value", "seg_sigmas", *(f"test_{m}" for m in EXTRA_METRIC_NAMES))
 SELECTED_NEEDS = (
     "dataset",
     "category",

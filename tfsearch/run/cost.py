@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tfsearch.data import datasets
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
 from tfsearch.run.plan import RunPlan
 from tfsearch.store.run_folder import read_milestone_log
 from tfsearch.transfusion.calibration import Calibration
@@ -217,11 +218,12 @@ def selection_cost(plan: RunPlan, costs: list[CategoryCost]) -> SelectionCost:
     epochs = space.epoch_choices(plan.milestones)
     lams = space.values("lam", plan.profile.lam)
     kernels = space.values("kernel", plan.profile.kernel)
+    sigmas = space.values("seg_sigmas", SEG_THRESHOLD_SIGMAS)
     models = plan.space.training.samples if plan.space.training else 1
     checkpoints = len(epochs) * models
     if space.enumerated:
         candidates, per_candidate, touched = (
-            checkpoints * len(lams) * len(kernels),
+            checkpoints * len(lams) * len(kernels) * len(sigmas),
             GRID_SECONDS_PER_CANDIDATE,
             checkpoints,
         )

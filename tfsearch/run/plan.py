@@ -15,6 +15,7 @@ import torch
 
 from tfsearch.data import datasets
 from tfsearch.errors import InputError
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
 from tfsearch.run.first_run import FIRST_RUN_DATASET, first_run_profile
 from tfsearch.run.space import Space, load_space
 from tfsearch.store.location import Location, run_location
@@ -181,6 +182,7 @@ class RunPlan:
             patience=self.patience,
             lam_values=self.space.values("lam", self.profile.lam),
             kernel_values=self.space.values("kernel", self.profile.kernel),
+            sigma_values=self.space.values("seg_sigmas", SEG_THRESHOLD_SIGMAS),
         )
 
 
@@ -201,9 +203,10 @@ class TrialSettings:
     channels_last: bool
     compile: bool = False  # torch.compile the network
     patience: int = 0  # milestones without improvement after which training stops (0: never)
-    # the space's λ values and n values: each milestone's best over them is what `patience` watches
+    # the space's λ, n and k values: each milestone's best over them is what `patience` watches
     lam_values: tuple[float, ...] = ()
     kernel_values: tuple[int, ...] = ()
+    sigma_values: tuple[float, ...] = (SEG_THRESHOLD_SIGMAS,)
 
 
 def model_id(train_params: dict) -> str:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import optuna
 
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
 from tfsearch.run.plan import RunPlan
-from tfsearch.run.selection.candidates import mean_metrics, std_metrics
+from tfsearch.run.selection.candidates import Candidate, mean_metrics, std_metrics
 from tfsearch.run.selection.stage import selection_study_names, study_spec
 from tfsearch.run.selection.study import best_candidate, choice_columns
 from tfsearch.store.run_folder import (
@@ -80,6 +81,8 @@ def candidate_rows(study, split: str) -> list[dict]:
                     "stage": "select",
                     "split": split,
                     **{k: trial[f"user_attrs_{k}"] for k in ("model", "epoch", "lam", "kernel")},
+                    # absent from the studies of earlier versions, which thresholded at the default k
+                    "seg_sigmas": trial.get("user_attrs_seg_sigmas", SEG_THRESHOLD_SIGMAS),
                     **metrics,
                     "objective": trial["value"],
                     "study": study.study_name,
@@ -165,11 +168,18 @@ def write_selected(plan: RunPlan, failed: dict[str, str]) -> list[dict]:
                 print(
                     f"[select] {category}: default {plan.space.metric} {row['default_selection_value']:.4f}"
                     f" -> selected {row['selected_selection_value']:.4f} (epoch {chosen.epoch},"
-                    f" λ {chosen.lam:.3f}, n {chosen.kernel}); test image AUROC"
+                    f" λ {chosen.lam:.3f}, n {chosen.kernel}{threshold_k(plan, chosen)}); test image AUROC"
                     f" {row['selected_test_image_auroc']:.4f}"
                 )
     write_csv(plan.run_dir / SELECTED_FILE, selected_columns(plan.seeds), rows)
     return rows
+
+
+def threshold_k(plan: RunPlan, chosen: Candidate) -> str:
+    """ ", k K" (SegF1's threshold) where the space searched or fixed k, for the selection's closing line."""
+    if plan.space.values("seg_sigmas", SEG_THRESHOLD_SIGMAS) == (SEG_THRESHOLD_SIGMAS,):
+        return ""
+    return f", k {chosen.seg_sigmas:g}"
 
 
 def early_stop_columns(plan: RunPlan, category: str) -> dict:

@@ -19,7 +19,7 @@ is validated here, and an error names the file and the key:
       sampler: exhaustive     # (default) exhaustive | grid: every candidate; tpe | random: `trials` of them
       # trials: 64            # Optuna trials per study: required by tpe and random, refused by grid and
                               # exhaustive, whose count is milestones x λ values x n values (x models)
-      lam_points: 21          # exhaustive: a λ range becomes this many evenly spaced values, ends included
+      lam_points: 21          # exhaustive: a λ or k range gives this many evenly spaced values, ends included
       all_metrics: false      # true: every candidate also gets the pixel metrics (slow); by default only
                               # the selected and the default configuration do
       seed: 0
@@ -27,6 +27,8 @@ is validated here, and an error names the file and the key:
       epoch: milestones       # milestones | last | [epochs...]
       lam: {low: 0.5, high: 1.0}          # or {grid: [...]}, or a fixed number
       kernel: {choices: [1, 3, 5, 7, 9]}  # or {grid: [...]}, or a fixed odd number
+      seg_sigmas: 3           # SegF1's threshold, mean + k std of the normal validation pixels: a fixed k, or
+                              # searched ({grid: [...]}, ...) with metric seg_f1 alone (docs/mvtec-ad2.md)
     training:                 # optional: also search training hyperparameters (Ray Tune + Optuna + ASHA)
       samples: 4
       scheduler: {type: asha, grace_period: 2, reduction_factor: 2}   # grace period in milestones
@@ -37,6 +39,7 @@ is validated here, and an error names the file and the key:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,6 +49,8 @@ import numpy as np
 import yaml
 
 from tfsearch.errors import InputError
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
+from tfsearch.run.params import Choices, FloatRange, Grid, Param, fail, param_values, parse_param
 from tfsearch.transfusion.profiles import PROFILES, Profile, get_profile
 
 SCOPES = ("single", "per_class", "global")
@@ -67,27 +72,9 @@ TOP_KEYS = {
     "seeds",
     "patience",
 }
+# what a selection candidate is made of; seg_sigmas: k of SegF1's threshold, mean + k std (docs/mvtec-ad2.md)
+SELECTION_PARAMS = ("epoch", "lam", "kernel", "seg_sigmas")
 TRAINABLE = {"lr": float, "base_channels": int, "steps": int, "batch_size": int, "weight_decay": float}
-
-
-@dataclass(frozen=True)
-class FloatRange:
-    low: float
-    high: float
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class Choices:
-    values: tuple
-
-
-@dataclass(frozen=True)
-class Grid:
-    values: tuple
-
-
-Param = float | int | str | FloatRange | Choices | Grid
 
 
 @dataclass(frozen=True)
@@ -171,92 +158,58 @@ class Space:
         return tuple(values)
 
 
-def _fail(source: str, key: str, expected: str, got: object) -> InputError:
-    return InputError(f"{source}: {key}: expected {expected}, got {got!r}")
-
-
-def _number(value: object, source: str, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(source, key, "a number", value)
-    return float(value)
-
-
-def _param(value: object, source: str, key: str) -> Param:
-    if isinstance(value, dict):
-        kinds = set(value) & {"low", "choices", "grid"}
-        if len(kinds) != 1:
-            raise _fail(source, key, "a number, {low, high[, log]}, {choices: [...]} or {grid: [...]}", value)
-        if "low" in value:
-            unknown = set(value) - {"low", "high", "log"}
-            if unknown or "high" not in value:
-                raise _fail(source, key, "{low, high[, log]}", value)
-            low, high = (
-                _number(value["low"], source, f"{key}.low"),
-                _number(value["high"], source, f"{key}.high"),
-            )
-            if low > high:
-                raise _fail(source, key, "low <= high", value)
-            return FloatRange(low, high, bool(value.get("log", False)))
-        kind = "choices" if "choices" in value else "grid"
-        items = value[kind]
-        if set(value) != {kind} or not isinstance(items, list) or not items:
-            raise _fail(source, f"{key}.{kind}", "a non-empty list", items)
-        return Choices(tuple(items)) if kind == "choices" else Grid(tuple(items))
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _fail(source, key, "a number or a mapping", value)
-    return value
-
-
-def _param_values(param: Param) -> list:
-    """The finite values a parameter can take (ranges give their two bounds)."""
-    if isinstance(param, FloatRange):
-        return [param.low, param.high]
-    if isinstance(param, Choices | Grid):
-        return list(param.values)
-    return [param]
-
-
-def _check_selection_params(params: dict[str, Param], source: str) -> None:
-    unknown = sorted(set(params) - {"epoch", "lam", "kernel"})
+def _check_selection_params(params: dict[str, Param], metric: str, source: str) -> None:
+    unknown = sorted(set(params) - set(SELECTION_PARAMS))
     if unknown:
-        raise InputError(f"{source}: params: unknown parameter(s) {unknown}; known: epoch, lam, kernel")
-    for value in _param_values(params.get("lam", 0.95)):
+        raise InputError(
+            f"{source}: params: unknown parameter(s) {unknown}; known: {', '.join(SELECTION_PARAMS)}"
+        )
+    for value in param_values(params.get("lam", 0.95)):
         if not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise _fail(source, "params.lam", "values in [0, 1]", value)
+            raise fail(source, "params.lam", "values in [0, 1]", value)
     if isinstance(params.get("kernel"), FloatRange):
-        raise _fail(source, "params.kernel", "a fixed odd size, {choices: [...]} or {grid: [...]}", "a range")
-    for value in _param_values(params.get("kernel", 7)):
+        raise fail(source, "params.kernel", "a fixed odd size, {choices: [...]} or {grid: [...]}", "a range")
+    for value in param_values(params.get("kernel", 7)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-            raise _fail(source, "params.kernel", "odd positive integers", value)
+            raise fail(source, "params.kernel", "odd positive integers", value)
+    sigmas = params.get("seg_sigmas", SEG_THRESHOLD_SIGMAS)
+    for value in param_values(sigmas):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise fail(source, "params.seg_sigmas", "finite numbers >= 0 (k of mean + k std)", value)
+    if isinstance(sigmas, FloatRange | Choices | Grid) and metric != "seg_f1":
+        raise InputError(
+            f"{source}: params.seg_sigmas: searched values change SegF1 alone, but selection.metric is"
+            f" {metric}: select on seg_f1, or fix it (e.g. seg_sigmas: 3)"
+        )
     epoch = params.get("epoch", "last")
     if isinstance(epoch, str) and epoch not in ("milestones", "last"):
-        raise _fail(source, "params.epoch", "'milestones', 'last', an epoch or a list of epochs", epoch)
+        raise fail(source, "params.epoch", "'milestones', 'last', an epoch or a list of epochs", epoch)
     if isinstance(epoch, FloatRange):
-        raise _fail(source, "params.epoch", "'milestones', 'last', an epoch or {choices: [...]}", "a range")
+        raise fail(source, "params.epoch", "'milestones', 'last', an epoch or {choices: [...]}", "a range")
 
 
 def _training(value: object, source: str) -> TrainingSearch:
     if not isinstance(value, dict):
-        raise _fail(source, "training", "a mapping with samples, scheduler and params", value)
+        raise fail(source, "training", "a mapping with samples, scheduler and params", value)
     unknown = sorted(set(value) - {"samples", "scheduler", "params"})
     if unknown:
         raise InputError(f"{source}: training: unknown key(s) {unknown}")
     samples = value.get("samples", 4)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise _fail(source, "training.samples", "a positive integer", samples)
+        raise fail(source, "training.samples", "a positive integer", samples)
     scheduler = value.get("scheduler", {"type": "asha"})
     if not isinstance(scheduler, dict) or scheduler.get("type", "asha") != "asha":
-        raise _fail(source, "training.scheduler", "{type: asha, grace_period, reduction_factor}", scheduler)
+        raise fail(source, "training.scheduler", "{type: asha, grace_period, reduction_factor}", scheduler)
     raw = value.get("params")
     if not isinstance(raw, dict) or not raw:
-        raise _fail(source, "training.params", "a non-empty mapping of training hyperparameters", raw)
+        raise fail(source, "training.params", "a non-empty mapping of training hyperparameters", raw)
     params = {}
     for key, spec in raw.items():
         if key not in TRAINABLE:
             raise InputError(
                 f"{source}: training.params: unknown parameter {key!r}; known: {sorted(TRAINABLE)}"
             )
-        params[key] = _param(spec, source, f"training.params.{key}")
+        params[key] = parse_param(spec, source, f"training.params.{key}")
     return TrainingSearch(
         samples=samples,
         params=params,
@@ -274,13 +227,13 @@ def parse_space(payload: object, source: str) -> Space:
         raise InputError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(TOP_KEYS)}")
     scope = payload.get("scope", "per_class")
     if scope not in SCOPES:
-        raise _fail(source, "scope", f"one of {SCOPES}", scope)
+        raise fail(source, "scope", f"one of {SCOPES}", scope)
     profile = payload.get("profile", "paper")
     if profile not in PROFILES:
-        raise _fail(source, "profile", f"one of {sorted(PROFILES)}", profile)
+        raise fail(source, "profile", f"one of {sorted(PROFILES)}", profile)
     overrides = payload.get("profile_overrides") or {}
     if not isinstance(overrides, dict):
-        raise _fail(source, "profile_overrides", "a mapping of profile fields", overrides)
+        raise fail(source, "profile_overrides", "a mapping of profile fields", overrides)
     try:
         get_profile(profile).replace(**{k: v for k, v in overrides.items() if k != "epochs"})
     except ValueError as exc:
@@ -293,50 +246,50 @@ def parse_space(payload: object, source: str) -> Space:
         if not milestones or not all(
             isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones
         ):
-            raise _fail(source, "milestones", "a list of positive epochs or {every: N}", milestones)
+            raise fail(source, "milestones", "a list of positive epochs or {every: N}", milestones)
         milestones = tuple(milestones)
     elif isinstance(milestones, dict):
         if set(milestones) - {"every"}:
-            raise _fail(source, "milestones", "{every: N} or a list of epochs", milestones)
+            raise fail(source, "milestones", "{every: N} or a list of epochs", milestones)
         every = milestones.get("every", 1)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise _fail(source, "milestones.every", "a positive integer", every)
+            raise fail(source, "milestones.every", "a positive integer", every)
     else:
-        raise _fail(source, "milestones", "{every: N} or a list of epochs", milestones)
+        raise fail(source, "milestones", "{every: N} or a list of epochs", milestones)
 
     selection = payload.get("selection") or {}
     if not isinstance(selection, dict) or set(selection) - SELECTION_KEYS:
-        raise _fail(source, "selection", f"a mapping with keys among {sorted(SELECTION_KEYS)}", selection)
+        raise fail(source, "selection", f"a mapping with keys among {sorted(SELECTION_KEYS)}", selection)
     metric = selection.get("metric", "image_auroc")
     if metric not in METRICS:
-        raise _fail(source, "selection.metric", f"one of {METRICS}", metric)
+        raise fail(source, "selection.metric", f"one of {METRICS}", metric)
     sampler = selection.get("sampler", "exhaustive")
     if sampler not in SAMPLERS:
-        raise _fail(source, "selection.sampler", f"one of {SAMPLERS}", sampler)
+        raise fail(source, "selection.sampler", f"one of {SAMPLERS}", sampler)
 
     raw_params = payload.get("params") or {}
     if not isinstance(raw_params, dict):
-        raise _fail(source, "params", "a mapping of epoch, lam, kernel", raw_params)
-    params = {key: _param(value, source, f"params.{key}") for key, value in raw_params.items()}
-    _check_selection_params(params, source)
+        raise fail(source, "params", "a mapping of epoch, lam, kernel", raw_params)
+    params = {key: parse_param(value, source, f"params.{key}") for key, value in raw_params.items()}
+    _check_selection_params(params, metric, source)
     if sampler == "grid" and any(isinstance(p, FloatRange) for p in params.values()):
-        raise _fail(source, "params", "{grid: [...]} or fixed values with sampler: grid", "a range")
+        raise fail(source, "params", "{grid: [...]} or fixed values with sampler: grid", "a range")
     trials = _trials(selection, sampler, source)
     lam_points = selection.get("lam_points", 21)
     if isinstance(lam_points, bool) or not isinstance(lam_points, int) or lam_points < 2:
-        raise _fail(source, "selection.lam_points", "an integer of at least 2", lam_points)
+        raise fail(source, "selection.lam_points", "an integer of at least 2", lam_points)
     all_metrics = selection.get("all_metrics", False)
     if not isinstance(all_metrics, bool):
-        raise _fail(source, "selection.all_metrics", "true or false", all_metrics)
+        raise fail(source, "selection.all_metrics", "true or false", all_metrics)
     if scope == "single" and any(isinstance(p, FloatRange | Choices | Grid) for p in params.values()):
-        raise _fail(source, "params", "fixed values with scope: single", raw_params)
+        raise fail(source, "params", "fixed values with scope: single", raw_params)
 
     seeds = payload.get("seeds", 1)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise _fail(source, "seeds", "a positive integer (training runs per category)", seeds)
+        raise fail(source, "seeds", "a positive integer (training runs per category)", seeds)
     patience = payload.get("patience", 0)
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise _fail(source, "patience", "0 (never stop early) or a positive number of milestones", patience)
+        raise fail(source, "patience", "0 (never stop early) or a positive number of milestones", patience)
 
     return Space(
         name=str(payload.get("name", Path(source).stem)),
@@ -375,7 +328,7 @@ def _trials(selection: dict, sampler: str, source: str) -> int:
             " trials: 64), or use sampler: exhaustive to evaluate every candidate"
         )
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise _fail(source, "selection.trials", "a positive integer", trials)
+        raise fail(source, "selection.trials", "a positive integer", trials)
     return trials
 
 

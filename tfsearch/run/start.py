@@ -45,12 +45,16 @@ def check_start(plan: RunPlan, resume: bool) -> None:
         current, stored = (json.loads(json.dumps(d)) for d in (plan.describe(), stored))  # tuples as lists
         changed = sorted(k for k, v in current.items() if stored.get(k) != v)
         if changed:
-            seeds = (
-                f"; --seeds {plan.seeds} where the run trained {stored.get('seeds', 1)} seed(s)"
-                if "seeds" in changed
-                else ""
+            # the values of plain settings (--patience, --precision, --seeds ...), which a user can retype
+            values = "".join(
+                f"; {key}: the run has {stored.get(key)!r}, this command {current[key]!r}"
+                for key in changed
+                if not isinstance(current[key], dict | list) and not isinstance(stored.get(key), dict | list)
             )
-            raise InputError(f"--resume: this command differs from {config} in {changed}{seeds}")
+            raise InputError(
+                f"--resume: this command differs from {config} in {changed}{values}. Resume with the run's"
+                " own options, or start a new run under another --name"
+            )
         # before one experiment held every category, a training search had one per category (train-CATEGORY):
         # resuming would start the search again beside them, in the same studies
         per_category = [name for name in plan.location.folders("tune") if name.startswith("train-")]

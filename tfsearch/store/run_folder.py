@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from tfsearch.errors import InputError
-from tfsearch.maps.metrics import EXTENDED_METRIC_NAMES, METRIC_NAMES
+from tfsearch.maps.metrics import EXTENDED_METRIC_NAMES
 from tfsearch.store.atomic import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -57,7 +57,8 @@ TRIAL_COLUMNS = (
     "epoch",
     "lam",
     "kernel",
-    *METRIC_NAMES,
+    "seg_sigmas",  # k of SegF1's threshold, mean + k std (selection rows)
+    *EXTENDED_METRIC_NAMES,
     "objective",
     "study",
     "trial",
@@ -75,6 +76,7 @@ CONFIG_FIELDS = (
     "epoch",
     "lam",
     "kernel",
+    "seg_sigmas",
     "selection_value",
     *(f"test_{m}" for m in EXTENDED_METRIC_NAMES),
 )

@@ -1,8 +1,9 @@
 """Candidates of the selection search and the cached maps they are scored on.
 
-A candidate (`Candidate`) is one evaluation-time configuration of a trained model: (model, epoch, λ, n).
-No candidate trains anything. A candidate is scored on its selection metric only; the pixel metrics are
-computed for the default and the selected candidate (and for every candidate with `all_metrics: true`).
+A candidate (`Candidate`) is one evaluation-time configuration of a trained model: (model, epoch, λ, n) and k,
+the number of standard deviations in SegF1's threshold. No candidate trains anything. A candidate is scored
+on its selection metric only when that is image AUROC or SegF1; the pixel metrics are computed for the
+default and the selected candidate (and for every candidate with `all_metrics: true`).
 Image AUROC, the usual selection metric, is exact and cheap: each milestone's maps are filtered once for every
 n of the space and reduced to the few points per image that can hold its maximum (`ImageMaxima`), after which
 any λ costs microseconds. Pixel metrics go through `MapFuser`, whose filtered maps are cached per milestone.
@@ -11,10 +12,10 @@ With several training seeds per category (`--seeds K`) a candidate is scored on 
 metrics, hence the objective, are the mean over the seeds (`SeedMeans`).
 
 Every full evaluation also gives MVTec AD 2's metrics (AUPRO to FPR 0.05 and SegF1). SegF1's threshold is
-`segmentation_threshold` of the normal images of the validation maps at the same configuration whenever the
-training run wrote validation maps (`--select-on val`): the selection split's own, and for the test split the
-`val` maps beside it, so no test label sets it. Only a run without validation data (the oracle protocol)
-takes it from the test set's own normal images.
+`segmentation_threshold` (mean + k std) of the normal images of the validation maps at the same
+configuration whenever the training run wrote validation maps (`--select-on val`): the selection split's
+own, and for the test split the `val` maps beside it, so no test label sets it. Only a run without
+validation data (the oracle protocol) takes it from the test set's own normal images.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import numpy as np
 from tfsearch.errors import InputError
 from tfsearch.maps.cache import read_map_set
 from tfsearch.maps.fusion import ImageMaxima, MapFuser, image_maxima, usable_cpus
-from tfsearch.maps.metrics import EXTENDED_METRIC_NAMES, GroundTruth, auroc, evaluate, segmentation_threshold
+from tfsearch.maps.metrics import (
+    EXTENDED_METRIC_NAMES,
+    SEG_THRESHOLD_SIGMAS,
+    GroundTruth,
+    auroc,
+    evaluate,
+    seg_f1,
+    segmentation_threshold,
+)
 from tfsearch.maps.segmentation import threshold_maps_dir
 
 # pixels in one milestone's maps from which its image-score points are worth a worker process of their own
@@ -48,9 +57,16 @@ class Candidate:
     epoch: int
     lam: float
     kernel: int
+    seg_sigmas: float = SEG_THRESHOLD_SIGMAS  # SegF1's threshold: mean + k std of normal validation pixels
 
     def as_params(self) -> dict:
-        return {"model": self.model, "epoch": self.epoch, "lam": self.lam, "kernel": self.kernel}
+        return {
+            "model": self.model,
+            "epoch": self.epoch,
+            "lam": self.lam,
+            "kernel": self.kernel,
+            "seg_sigmas": self.seg_sigmas,
+        }
 
 
 class CategoryMaps:
@@ -75,6 +91,8 @@ class CategoryMaps:
         self._maxima: dict[tuple[str, int], dict[int, ImageMaxima]] = {}
         # the validation maps of each milestone that sets SegF1's threshold: (fuser, normal images)
         self._threshold_maps: dict[tuple[str, int], tuple[MapFuser, np.ndarray] | None] = {}
+        # the last fused maps, so that the k values of one (model, epoch, λ, n) fuse once
+        self._fused: tuple[tuple, np.ndarray] | None = None
 
     def _maps_dir(self, model: str, epoch: int) -> Path:
         if (model, epoch) not in self.maps_dirs:
@@ -133,14 +151,22 @@ class CategoryMaps:
         scores = self.maxima(candidate.model, candidate.epoch, candidate.kernel).scores(candidate.lam)
         return auroc(self.ground_truth.image_labels, scores)
 
+    def fused(self, candidate: Candidate) -> np.ndarray:
+        """The fused maps of a configuration; the last ones are kept for the next k of the same (λ, n)."""
+        key = (candidate.model, candidate.epoch, candidate.lam, candidate.kernel)
+        if self._fused is None or self._fused[0] != key:
+            fuser = self.fuser(candidate.model, candidate.epoch)
+            self._fused = (key, fuser.fuse(candidate.lam, candidate.kernel))
+        return self._fused[1]
+
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         """Every metric of a configuration (the pixel metrics need the full fused maps), MVTec AD 2's too."""
-        fused = self.fuser(candidate.model, candidate.epoch).fuse(candidate.lam, candidate.kernel)
-        return evaluate(self.ground_truth, fused, seg_threshold=self.validation_threshold(candidate))
+        fused = self.fused(candidate)
+        return evaluate(self.ground_truth, fused, seg_threshold=self.seg_threshold(candidate, fused))
 
-    def validation_threshold(self, candidate: Candidate) -> float | None:
-        """SegF1's threshold for a configuration from the validation maps beside these maps, when the run has
-        them and these are not they (`threshold_maps_dir`); None: these maps' own normal images set it."""
+    def seg_threshold(self, candidate: Candidate, fused: np.ndarray) -> float:
+        """SegF1's threshold for a configuration: from the validation maps beside these maps when the run has
+        them and these are not they (`threshold_maps_dir`), else from these maps' own normal images."""
         key = (candidate.model, candidate.epoch)
         if key not in self._threshold_maps:
             source = threshold_maps_dir(self._maps_dir(*key))
@@ -152,17 +178,22 @@ class CategoryMaps:
                 self._threshold_maps[key] = (MapFuser(maps.m_disc, maps.m_recon), normal)
         found = self._threshold_maps[key]
         if found is None:
-            return None
+            return segmentation_threshold(fused, ~self.ground_truth.image_labels, candidate.seg_sigmas)
         fuser, normal = found
-        return segmentation_threshold(fuser.fuse(candidate.lam, candidate.kernel), normal)
+        return segmentation_threshold(
+            fuser.fuse(candidate.lam, candidate.kernel), normal, candidate.seg_sigmas
+        )
 
     def candidate_metrics(
         self, candidate: Candidate, metric: str, all_metrics: bool = False
     ) -> dict[str, float]:
-        """What a candidate records: image AUROC alone (exact, cheap) when it is the selection metric, else
-        every metric (the pixel metrics share one sort)."""
+        """What a candidate records: image AUROC alone (exact, cheap) or SegF1 alone (one pass over the
+        pixels) when it is the selection metric, else every metric (the pixel metrics share one sort)."""
         if metric == "image_auroc" and not all_metrics:
             return {"image_auroc": self.image_auroc(candidate)}
+        if metric == "seg_f1" and not all_metrics:
+            fused = self.fused(candidate)
+            return {"seg_f1": seg_f1(self.ground_truth, fused, self.seg_threshold(candidate, fused))}
         return self.evaluate(candidate)
 
 

@@ -1,4 +1,4 @@
-"""The selection made visible: how much epoch, λ and n move the selection metric, and each study in W&B.
+"""The selection made visible: how much epoch, λ, n (and k) move the selection metric, and each study in W&B.
 
 `importance.csv` (columns `IMPORTANCE_COLUMNS`) has one row per (scope, parameter) of a run: scope is a
 category (its own study), or `all`, the dataset (the global study, or the mean over the per-class studies).
@@ -13,9 +13,9 @@ Parameters fixed by the space have no row. Two methods:
 With `--wandb offline|online` each study also becomes a W&B run (job type `select`, grouped under the run's
 name). Its summary, what W&B's run table and panels show, holds the table `candidates` (every candidate with
 its parameters, selection value and metrics; `candidates_count` rows) and the choice: `selected_model`,
-`selected_epoch`, `selected_lam`, `selected_kernel` (n), `selected_is_default`, `selected_trial` (the
-candidate's number, none for the default), `selected_value`, `best_value`, `tied_at_best`. The table's staged
-files stay in the run's own folder.
+`selected_epoch`, `selected_lam`, `selected_kernel` (n), `selected_seg_sigmas` (k of SegF1's threshold),
+`selected_is_default`, `selected_trial` (the candidate's number, none for the default), `selected_value`,
+`best_value`, `tied_at_best`. The table's staged files stay in the run's own folder.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tfsearch.store.run_folder import IMPORTANCE_COLUMNS, IMPORTANCE_FILE, write
 from tfsearch.store.studies import open_studies, studies_file, study_name
 
 ALL = "all"
-PARAMETERS = ("model", "epoch", "lam", "kernel")
+PARAMETERS = ("model", "epoch", "lam", "kernel", "seg_sigmas")
 
 
 def candidates_frame(study: optuna.Study) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def candidates_frame(study: optuna.Study) -> pd.DataFrame:
 
 def grid_importance(frame: pd.DataFrame) -> dict[str, float]:
     """Main-effect variance share of each parameter that varies over a complete grid."""
-    varying = [p for p in PARAMETERS if frame[p].nunique() > 1]
+    varying = [p for p in PARAMETERS if p in frame and frame[p].nunique() > 1]
     total = float(((frame["value"] - frame["value"].mean()) ** 2).sum())
     shares = {}
     for parameter in varying:

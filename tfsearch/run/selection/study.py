@@ -16,8 +16,10 @@ import optuna
 from optuna.trial import TrialState
 
 from tfsearch.errors import InputError
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
+from tfsearch.run.params import Choices, FloatRange, Grid
 from tfsearch.run.selection.candidates import Candidate, CategoryMaps, SeedMeans, mean_metrics
-from tfsearch.run.space import Choices, FloatRange, Grid, Space
+from tfsearch.run.space import Space
 from tfsearch.store.studies import add_finished_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -49,17 +51,19 @@ def grid_distributions(
         "checkpoint": checkpoint_names(checkpoints),
         "lam": space.values("lam", default.lam),
         "kernel": space.values("kernel", default.kernel),
+        "seg_sigmas": space.values("seg_sigmas", default.seg_sigmas),
     }
     return {k: optuna.distributions.CategoricalDistribution(v) for k, v in values.items() if len(v) > 1}
 
 
 def grid_candidates(space: Space, checkpoints: list[tuple[str, int]], default: Candidate) -> list[Candidate]:
-    """Every candidate of an exhaustive or grid space: milestones x λ values x n values (x models)."""
+    """Every candidate of an exhaustive or grid space: milestones x λ values x n values (x models) (x k)."""
     return [
-        Candidate(model, epoch, float(lam), int(kernel))
+        Candidate(model, epoch, float(lam), int(kernel), float(sigmas))
         for model, epoch in checkpoints
         for kernel in space.values("kernel", default.kernel)
         for lam in space.values("lam", default.lam)
+        for sigmas in space.values("seg_sigmas", default.seg_sigmas)
     ]
 
 
@@ -85,13 +89,14 @@ def suggest(
             return trial.suggest_categorical(name, list(param.values))
         return param
 
-    return Candidate(model, epoch, float(value("lam", default.lam)), int(value("kernel", default.kernel)))
+    lam, kernel = float(value("lam", default.lam)), int(value("kernel", default.kernel))
+    return Candidate(model, epoch, lam, kernel, float(value("seg_sigmas", default.seg_sigmas)))
 
 
 def default_in_space(space: Space, default: Candidate) -> dict | None:
     """The default as Optuna parameters, when the space contains it (then it is enqueued first)."""
     params = {}
-    for name, value in (("lam", default.lam), ("kernel", default.kernel)):
+    for name, value in (("lam", default.lam), ("kernel", default.kernel), ("seg_sigmas", default.seg_sigmas)):
         param = space.params.get(name, value)
         if isinstance(param, FloatRange):
             if not param.low <= value <= param.high:
@@ -203,7 +208,7 @@ def add_grid_trials(
         per_category = spec.metrics(candidate)
         value = spec.objective(per_category)
         checkpoint = f"{candidate.model}@{candidate.epoch}"
-        params = {"checkpoint": checkpoint, "lam": candidate.lam, "kernel": candidate.kernel}
+        params = {"checkpoint": checkpoint, **candidate.as_params()}
         pending.append(
             optuna.trial.create_trial(
                 params={k: v for k, v in params.items() if k in distributions},
@@ -254,7 +259,9 @@ def choose(finished: list[optuna.trial.FrozenTrial], spec: StudySpec) -> dict:
     best = max(values)
     tied = [t for t in scored if t.value == best]
     contenders: list[tuple[int | None, Candidate]] = [(None, spec.default)] if default_value == best else []
-    contenders += [(t.number, candidate_of(t)) for t in sorted(tied, key=lambda t: t.number)]
+    # the default counts once, also where the space holds it as a candidate of its own
+    tied_candidates = [(t.number, candidate_of(t)) for t in sorted(tied, key=lambda t: t.number)]
+    contenders += [(n, c) for n, c in tied_candidates if not (contenders and c == spec.default)]
     choice = {"trial": contenders[0][0], "value": best, "tied": len(contenders), "tie_break": None}
     choice["undecided"] = len(contenders) > 1
     winner = 0
@@ -298,7 +305,8 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def candidate_of(trial: optuna.trial.FrozenTrial) -> Candidate:
     attrs = trial.user_attrs
-    return Candidate(attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"]))
+    sigmas = float(attrs.get("seg_sigmas", SEG_THRESHOLD_SIGMAS))  # absent from studies of earlier versions
+    return Candidate(attrs["model"], int(attrs["epoch"]), float(attrs["lam"]), int(attrs["kernel"]), sigmas)
 
 
 def best_candidate(study: optuna.Study, default: Candidate) -> tuple[Candidate, dict]:

@@ -1,11 +1,12 @@
 """Early stopping of a category's training (`--patience K`): the rule, and the value it is applied to.
 
 At each milestone a training trial scores the maps of the selection split at the best (λ, n) of the space's
-own values (`milestone_best`: a λ range as the `lam_points` evenly spaced values the exhaustive sampler
-tries), so the value is what the selection could choose at that milestone. Training stops at the milestone
-that makes K in a row without a strict improvement on the best value so far (`stop_decision`). The rule is a
-pure function of the sequence of those values, which the milestone log keeps: a resumed or retried trial
-recomputes the same decision from its log, and a run truncated at a patience-K stop equals the patience-K run.
+own values, and k where SegF1's threshold is searched (`milestone_best`: a range as the `lam_points` evenly
+spaced values the exhaustive sampler tries), so the value is what the selection could choose at that
+milestone. Training stops at the milestone that makes K in a row without a strict improvement on the best
+value so far (`stop_decision`). The rule is a pure function of the sequence of those values, which the
+milestone log keeps: a resumed or retried trial recomputes the same decision from its log, and a run truncated
+at a patience-K stop equals the patience-K run.
 
 A value that is NaN (the metric undefined on the split) never improves; milestones before the first defined
 value are not counted, so a category whose metric is undefined throughout trains to its last milestone.
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
 from tfsearch.run.selection.candidates import Candidate, CategoryMaps
 
 
@@ -60,18 +62,23 @@ def stop_decision(values: Sequence[tuple[int, float]], patience: int, last_epoch
 
 
 def milestone_best(
-    maps_dir: Path, metric: str, lam_values: Sequence[float], kernel_values: Sequence[int]
-) -> tuple[float, float, int]:
-    """(value, λ, n): the best `metric` of one milestone's maps over every (λ, n) of the space, exact; the
-    first of equal values in the exhaustive study's order (n, then λ). NaN, with the first (λ, n), when the
-    metric is undefined at all of them."""
+    maps_dir: Path,
+    metric: str,
+    lam_values: Sequence[float],
+    kernel_values: Sequence[int],
+    sigma_values: Sequence[float] = (SEG_THRESHOLD_SIGMAS,),
+) -> tuple[float, float, int, float]:
+    """(value, λ, n, k): the best `metric` of one milestone's maps over every (λ, n, k) of the space, exact;
+    the first of equal values in the exhaustive study's order (n, then λ, then k). NaN, with the first
+    (λ, n, k), when the metric is undefined at all of them."""
     epoch = 0  # a key of the one milestone in `CategoryMaps`; the maps' own epoch plays no part
     maps = CategoryMaps({("milestone", epoch): Path(maps_dir)}, tuple(kernel_values))
-    best = (math.nan, float(lam_values[0]), int(kernel_values[0]))
+    best = (math.nan, float(lam_values[0]), int(kernel_values[0]), float(sigma_values[0]))
     for kernel in kernel_values:
         for lam in lam_values:
-            candidate = Candidate("milestone", epoch, float(lam), int(kernel))
-            value = maps.candidate_metrics(candidate, metric)[metric]
-            if not math.isnan(value) and (math.isnan(best[0]) or value > best[0]):
-                best = (value, float(lam), int(kernel))
+            for sigmas in sigma_values:
+                candidate = Candidate("milestone", epoch, float(lam), int(kernel), float(sigmas))
+                value = maps.candidate_metrics(candidate, metric)[metric]
+                if not math.isnan(value) and (math.isnan(best[0]) or value > best[0]):
+                    best = (value, float(lam), int(kernel), float(sigmas))
     return best

@@ -24,8 +24,9 @@ from tfsearch import __version__
 from tfsearch.data.datasets import largest_first
 from tfsearch.errors import InputError
 from tfsearch.infra.interrupts import INTERRUPTIONS
+from tfsearch.run.params import Choices, FloatRange, Grid
 from tfsearch.run.plan import RunPlan, TrialSettings, model_id, seeded_model
-from tfsearch.run.space import TRAINABLE, Choices, FloatRange, Grid
+from tfsearch.run.space import TRAINABLE
 from tfsearch.run.start import started_by
 from tfsearch.run.training.callbacks import CategoryTrained, ProgressView, RetryBudget, tune_callbacks
 from tfsearch.run.training.category_search import CategoryScheduler, CategorySearch

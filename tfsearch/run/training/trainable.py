@@ -194,10 +194,10 @@ def train_in_folder(
         best = {}
         if settings.patience:
             maps_dir = TrainDir(train_dir).maps(epoch, settings.split)
-            value, lam, kernel = milestone_best(
-                maps_dir, settings.metric, settings.lam_values, settings.kernel_values
+            value, lam, kernel, sigmas = milestone_best(
+                maps_dir, settings.metric, settings.lam_values, settings.kernel_values, settings.sigma_values
             )
-            best = {"best_value": value, "best_lam": lam, "best_kernel": kernel}
+            best = {"best_value": value, "best_lam": lam, "best_kernel": kernel, "best_seg_sigmas": sigmas}
         row = {
             "category": category,
             "model": model,
