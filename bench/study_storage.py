@@ -1,10 +1,13 @@
 """Writing and reading back the trials of an enumerated study, per way of storing them.
 
     python -m bench.study_storage              # 300 trials shaped like the exhaustive bench's candidates
+    python -m bench.study_storage --trials 12240 --bulk-only    # the built-in per_class grid, bulk only
 
-Each way adds the same finished trials to a fresh study, then a fresh storage object reads them back (as
-`tables.py` does for `trials.csv`): Optuna's `Study.add_trials` into SQLite (`RDBStorage`) and into a journal
-file (`JournalStorage`), and `tfsearch.store.studies.add_finished_trials` into SQLite (one transaction).
+Each way adds the same finished trials to a fresh study, then a fresh storage object reads them back (as the
+run's tables do, `tfsearch.run.selection.stage.run_studies`), and the same loaded study reads them a second
+time (as importance.csv and W&B do after trials.csv, from Optuna's cache of finished trials): Optuna's
+`Study.add_trials` into SQLite (`RDBStorage`) and into a journal file (`JournalStorage`), and
+`tfsearch.store.studies.add_finished_trials` into SQLite (one transaction; alone with `--bulk-only`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def candidates(count: int) -> list[optuna.trial.FrozenTrial]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--bulk-only", action="store_true", help="add_finished_trials into SQLite alone")
     args = parser.parse_args()
     trials = candidates(args.trials)
     ways = {
@@ -58,6 +62,8 @@ def main() -> None:
         "Study.add_trials, journal": ("studies.journal", lambda storage, study: study.add_trials(trials)),
         "add_finished_trials, SQLite": ("studies.db", lambda s, study: add_finished_trials(s, study, trials)),
     }
+    if args.bulk_only:
+        ways = {way: ways[way] for way in ("add_finished_trials, SQLite",)}
     print(f"{args.trials} trials; load average at start {os.getloadavg()}")
     for way, (name, add) in ways.items():
         with tempfile.TemporaryDirectory(prefix="tfsearch-bench-storage-") as folder:
@@ -68,12 +74,17 @@ def main() -> None:
             add(storage, study)
             write_s = time.perf_counter() - started
             started = time.perf_counter()
-            read = optuna.load_study(study_name="s", storage=open_studies(path)).get_trials(deepcopy=False)
+            loaded = optuna.load_study(study_name="s", storage=open_studies(path))
+            read = loaded.get_trials(deepcopy=False)
             read_s = time.perf_counter() - started
-            assert len(read) == args.trials
+            started = time.perf_counter()
+            again = loaded.get_trials(deepcopy=False)
+            again_s = time.perf_counter() - started
+            assert len(read) == len(again) == args.trials
         per_trial = 1000 / args.trials
         print(f"{way}: write {write_s:.2f} s ({write_s * per_trial:.2f} ms a trial),", end=" ")
-        print(f"read back {read_s:.2f} s ({read_s * per_trial:.2f} ms a trial)")
+        print(f"read back {read_s:.2f} s ({read_s * per_trial:.2f} ms a trial),", end=" ")
+        print(f"again through the same study {again_s:.2f} s")
     print(f"load average at end {os.getloadavg()}")
 
 

@@ -202,6 +202,27 @@ def test_the_selection_cost_counts_candidates_per_study(tmp_path, demo_dataset_r
     selection = price(plan, FIXED, from_cache=True, slots=Slots(1, "")).selection
     assert (selection.studies, selection.candidates) == (2, 2 * 21 * 2)  # milestones x λ values x n values
     assert selection.seconds > 0
+    # SegF1 with its k searched: x k values, each candidate priced on its pixels; any other pixel metric sorts
+    # every pixel per candidate, the dearest
+    seconds = {}
+    for metric, sigmas in (
+        ("image_auroc", 3),
+        ("seg_f1", 3),
+        ("seg_f1", {"grid": [1, 2, 3]}),
+        ("aupro_05", 3),
+    ):
+        params = {**SPACE["params"], "seg_sigmas": sigmas}
+        space = space_file(tmp_path, selection={"metric": metric, "sampler": "exhaustive"}, params=params)
+        plan = make_plan(build_parser().parse_args(run_argv(tmp_path, demo_dataset_root, space=space)))
+        priced = price(plan, FIXED, from_cache=True, slots=Slots(1, ""))
+        seconds[metric, str(sigmas)] = priced.selection.seconds
+        assert priced.selection.candidates == 2 * 21 * 2 * (3 if isinstance(sigmas, dict) else 1)
+    pixels = sum(c.selection_images for c in priced.categories) * plan.profile.image_size**2
+    k_fixed = seconds["seg_f1", "3"] - seconds["image_auroc", "3"]
+    per_pixel = cost.SEG_F1_FUSE_SECONDS_PER_PIXEL + cost.SEG_F1_COUNT_SECONDS_PER_PIXEL
+    assert k_fixed == pytest.approx(84 * pixels * per_pixel, rel=1e-9)
+    assert seconds["seg_f1", "{'grid': [1, 2, 3]}"] - seconds["image_auroc", "3"] > k_fixed
+    assert seconds["aupro_05", "3"] > seconds["seg_f1", "{'grid': [1, 2, 3]}"]
 
 
 # ------------------------------------------------------------------------------------------ the calibration

@@ -84,6 +84,8 @@ def test_builtin_spaces_parse_and_are_listed(capsys):
     assert all(line.split()[0] in names for line in listing.strip().splitlines())
     assert load_space("single").scope == "single"
     assert len(load_space("lambda_sweep").values("lam", 0.95)) == 13  # the grid, every value evaluated
+    segf1 = load_space("per_class_segf1")  # MVTec AD 2: SegF1 with its threshold's k searched
+    assert segf1.metric == "seg_f1" and segf1.values("seg_sigmas", 3.0) == (1, 2, 3, 4, 5, 6)
 
 
 @pytest.mark.parametrize(

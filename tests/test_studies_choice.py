@@ -104,10 +104,15 @@ def test_the_run_prints_the_dashboard_command_last_and_the_report_holds_it(
     monkeypatch.setattr(pipeline, "connect", lambda address, quiet: None)
     monkeypatch.setattr(pipeline, "Selection", Selection)
     monkeypatch.setattr(pipeline, "run_training", lambda plan, trainable, on_trained: {})
-    for stage in ("write_trials", "log_selection", "publish"):
-        monkeypatch.setattr(pipeline, stage, lambda plan: None)
+    read = {}
+    for stage in ("write_trials", "log_selection"):  # both get the studies read once for the tables
+        monkeypatch.setattr(
+            pipeline, stage, lambda plan, studies, stage=stage: read.setdefault(stage, studies)
+        )
+    monkeypatch.setattr(pipeline, "publish", lambda plan: None)
     monkeypatch.setattr(pipeline, "write_selected", lambda plan, failed: [])
     pipeline.execute(plan)
+    assert read["write_trials"] is read["log_selection"]
     journal = plan.run_dir / STUDIES_JOURNAL
     assert seen["studies"] == journal
     command = dashboard_command(journal)

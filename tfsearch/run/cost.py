@@ -15,7 +15,8 @@ from the network's size (built on torch's meta device), and the map cache of eve
 (`tfsearch.maps.cache`: M_disc and M_recon float32, the masks bit-packed, a label per image).
 
 The figures are upper bounds where training may stop early (ASHA over training configurations, `--patience`).
-The selection's time is rough: its rates come from bench/results/selection.md, not from a calibration.
+The selection's time is rough: its rates come from bench/results/selection.md and seg-threshold.md, not
+from a calibration.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ TRAINER_COPIES = 3
 FILTER_SECONDS_PER_PIXEL = 13.7 / (30 * 8 * 200 * 256 * 256)
 GRID_SECONDS_PER_CANDIDATE = 1.2 / 5040
 SAMPLED_SECONDS_PER_CANDIDATE = 3.6 / 64  # tpe / random: the sampler's own work per candidate
+# a candidate scored on its pixels, per pixel of the category's maps (bench/results/seg-threshold.md, same
+# CPU): SegF1 alone fuses the maps once per (λ, n) and counts them once per k; any other pixel metric (or
+# `all_metrics`) sorts every pixel
+SEG_F1_FUSE_SECONDS_PER_PIXEL = 3.9e-3 / 1e6
+SEG_F1_COUNT_SECONDS_PER_PIXEL = 1.9e-3 / 1e6
+EVALUATE_SECONDS_PER_PIXEL = 53.3e-3 / 1e6
 
 
 @dataclass(frozen=True)
@@ -213,7 +220,7 @@ def price(plan: RunPlan, calibration: Calibration, *, from_cache: bool, slots: S
 
 def selection_cost(plan: RunPlan, costs: list[CategoryCost]) -> SelectionCost:
     """Candidates per study, and a rough time for all studies: every map filtered once per (milestone, n)
-    that the study touches, plus each candidate's own cost."""
+    that the study touches, plus each candidate's own cost, on its pixels for a pixel metric."""
     space = plan.space
     epochs = space.epoch_choices(plan.milestones)
     lams = space.values("lam", plan.profile.lam)
@@ -236,9 +243,24 @@ def selection_cost(plan: RunPlan, costs: list[CategoryCost]) -> SelectionCost:
     pixels = sum(c.selection_images for c in costs) * plan.profile.image_size**2 * plan.seeds
     studies = len(plan.groups)
     seconds = (
-        touched * len(kernels) * pixels * FILTER_SECONDS_PER_PIXEL + studies * candidates * per_candidate
+        touched * len(kernels) * pixels * FILTER_SECONDS_PER_PIXEL
+        + studies * candidates * per_candidate
+        # an enumerated study scores the k values of a (λ, n) one after another, on one fusion of its maps
+        + candidates
+        * pixels
+        * pixel_seconds(space.metric, space.all_metrics, len(sigmas) if space.enumerated else 1)
     )
     return SelectionCost(studies, candidates, seconds)
+
+
+def pixel_seconds(metric: str, all_metrics: bool, sigmas: int) -> float:
+    """Seconds per candidate and pixel of the maps it is scored on: none for image AUROC alone (its maps are
+    reduced beforehand), SegF1's fusion shared by its `sigmas` k values, or every pixel metric's sort."""
+    if metric == "image_auroc" and not all_metrics:
+        return 0.0
+    if metric == "seg_f1" and not all_metrics:
+        return SEG_F1_FUSE_SECONDS_PER_PIXEL / sigmas + SEG_F1_COUNT_SECONDS_PER_PIXEL
+    return EVALUATE_SECONDS_PER_PIXEL
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -317,7 +339,7 @@ def plan_lines(plan: RunPlan, cost: PlanCost) -> list[str]:
     lines.append(
         f"[plan] selection: {selection.studies} stud{'y' if selection.studies == 1 else 'ies'} of"
         f" {selection.candidates} candidates ({plan.space.sampler}), about {duration(selection.seconds)}"
-        " (rough: bench/results/selection.md's rates)"
+        " (rough: the rates of bench/results/selection.md and seg-threshold.md)"
     )
     return lines
 

@@ -42,7 +42,7 @@ from tfsearch.run.estimate import check_budget, estimate
 from tfsearch.run.plan import RunPlan, TrialSettings
 from tfsearch.run.results import failed_message, publish, write_selected, write_trials
 from tfsearch.run.selection.log import log_selection
-from tfsearch.run.selection.stage import Selection
+from tfsearch.run.selection.stage import Selection, run_studies
 from tfsearch.run.start import check_start, create_run, prepare_studies
 from tfsearch.run.training.stage import run_training
 from tfsearch.run.training.trainable import train_category
@@ -79,9 +79,10 @@ def execute(
         with during("selection"):
             selection.finish(failed)
         with during("tables and report"):
-            write_trials(plan)
+            finished = run_studies(plan)  # read once for trials.csv, importance.csv and W&B
+            write_trials(plan, finished)
             selected = write_selected(plan, failed)
-            log_selection(plan)  # importance.csv, and each study in W&B
+            log_selection(plan, finished)  # importance.csv, and each study in W&B
             write_report(
                 [plan.run_dir],
                 wandb=plan.wandb,

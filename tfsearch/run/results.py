@@ -19,7 +19,7 @@ import optuna
 from tfsearch.maps.metrics import SEG_THRESHOLD_SIGMAS
 from tfsearch.run.plan import RunPlan
 from tfsearch.run.selection.candidates import Candidate, mean_metrics, std_metrics
-from tfsearch.run.selection.stage import selection_study_names, study_spec
+from tfsearch.run.selection.stage import run_studies, study_spec
 from tfsearch.run.selection.study import best_candidate, choice_columns
 from tfsearch.store.run_folder import (
     RUN_TABLES,
@@ -46,18 +46,9 @@ def training_rows(plan: RunPlan) -> list[dict]:
     return rows
 
 
-def selection_rows(plan: RunPlan) -> list[dict]:
-    """One row per completed candidate and category of every study of the run."""
-    path = studies_file(plan.run_dir)
-    if not path.is_file():
-        return []
-    storage = open_studies(path)
-    names = {s.study_name for s in storage.get_all_studies()}
-    rows = []
-    for name in selection_study_names(plan):
-        if name in names:
-            rows += candidate_rows(optuna.load_study(study_name=name, storage=storage), plan.selection_split)
-    return rows
+def selection_rows(plan: RunPlan, studies: dict[str, optuna.Study]) -> list[dict]:
+    """One row per completed candidate and category of every study of the run (`run_studies`)."""
+    return [row for study in studies.values() for row in candidate_rows(study, plan.selection_split)]
 
 
 def utc_text(moment) -> str:
@@ -96,10 +87,12 @@ def candidate_rows(study, split: str) -> list[dict]:
     return rows
 
 
-def write_trials(plan: RunPlan) -> list[dict]:
-    """Rebuild `trials.csv` from the durable sources: the milestone logs and the studies."""
+def write_trials(plan: RunPlan, studies: dict[str, optuna.Study] | None = None) -> list[dict]:
+    """Rebuild `trials.csv` from the durable sources: the milestone logs and the studies (`run_studies`,
+    read here unless given)."""
     common = {"dataset": plan.dataset, "space": plan.space.name, "protocol": plan.select_on}
-    rows = [{**common, **r} for r in training_rows(plan) + selection_rows(plan)]
+    studies = run_studies(plan) if studies is None else studies
+    rows = [{**common, **r} for r in training_rows(plan) + selection_rows(plan, studies)]
     stage_order = {"train": 0, "select": 1}
     rows.sort(
         key=lambda r: (

@@ -31,11 +31,11 @@ import pandas as pd
 from tfsearch.infra.tracking import DEFAULT_PROJECT, check_mode, run_data, staged_in, write_sync_note
 from tfsearch.run.plan import RunPlan
 from tfsearch.run.selection.candidates import Candidate
+from tfsearch.run.selection.stage import ALL, run_studies
 from tfsearch.run.selection.study import CHOICE_ATTR, best_candidate, candidate_of
 from tfsearch.store.run_folder import IMPORTANCE_COLUMNS, IMPORTANCE_FILE, write_csv
-from tfsearch.store.studies import open_studies, studies_file, study_name
+from tfsearch.store.studies import studies_file
 
-ALL = "all"
 PARAMETERS = ("model", "epoch", "lam", "kernel", "seg_sigmas")
 
 
@@ -160,20 +160,12 @@ def log_studies_to_wandb(
         write_sync_note(Path(run_dir).resolve(), "The training trials and selection studies")
 
 
-def log_selection(plan: RunPlan) -> dict[str, optuna.Study]:
-    """Write `importance.csv` and log the run's studies to W&B (per the run's --wandb)."""
-    path = studies_file(plan.run_dir)
-    if not path.is_file():
+def log_selection(plan: RunPlan, studies: dict[str, optuna.Study] | None = None) -> dict[str, optuna.Study]:
+    """Write `importance.csv` and log the run's studies to W&B (per the run's --wandb); `studies` by scope
+    (`run_studies`, read here unless given)."""
+    if not studies_file(plan.run_dir).is_file():
         return {}
-    storage = open_studies(path)
-    names = {s.study_name for s in storage.get_all_studies()}
-    scopes = [None] if plan.space.scope == "global" else plan.categories
-    named = {scope: study_name(plan.space.name, plan.dataset, scope) for scope in scopes}
-    studies = {
-        scope or ALL: optuna.load_study(study_name=name, storage=storage)
-        for scope, name in named.items()
-        if name in names
-    }
+    studies = run_studies(plan) if studies is None else studies
     rows = importance_rows(plan.dataset, studies, plan.space.enumerated)
     write_csv(plan.run_dir / IMPORTANCE_FILE, IMPORTANCE_COLUMNS, rows)
     log_studies_to_wandb(

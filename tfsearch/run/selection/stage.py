@@ -14,6 +14,7 @@ import math
 import sys
 
 import numpy as np
+import optuna
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -29,6 +30,8 @@ from tfsearch.transfusion.job import TrainDir
 
 # what settles a tie at the best selection value with --select-on val: a continuous metric on the val masks
 VALIDATION_TIE_BREAK = "pixel_ap"
+# the scope of a global study (one for every category), where a per-class study's is its category
+ALL = "all"
 
 
 def trained_models(plan: RunPlan, category: str) -> dict[str, list[int]]:
@@ -154,6 +157,24 @@ def group_study_name(plan: RunPlan, group: list[str]) -> str:
 def selection_study_names(plan: RunPlan) -> list[str]:
     """The studies of the run, one per group of `plan.groups`."""
     return [group_study_name(plan, group) for group in plan.groups]
+
+
+def run_studies(plan: RunPlan) -> dict[str, optuna.Study]:
+    """The run's studies by scope (a category, or `ALL` for the global study), read through one storage: the
+    tables that read a study's trials after it (trials.csv, importance.csv, W&B) then read them once, the
+    later ones from Optuna's cache of finished trials."""
+    path = studies_file(plan.run_dir)
+    if not path.is_file():
+        return {}
+    storage = open_studies(path)
+    names = {s.study_name for s in storage.get_all_studies()}
+    studies = {}
+    for group in plan.groups:
+        name = group_study_name(plan, group)
+        if name in names:
+            scope = group[0] if plan.space.scope != "global" else ALL
+            studies[scope] = optuna.load_study(study_name=name, storage=storage)
+    return studies
 
 
 def study_spec(plan: RunPlan, categories: list[str], split: str | None = None) -> StudySpec | None:
