@@ -32,7 +32,7 @@ from pathlib import Path
 
 import optuna
 
-from bench.selection import load, spread, write_cache
+from bench.selection import add_cache_arguments, load, spread, write_cache
 from tfsearch.run.selection.candidates import Candidate, CategoryMaps
 from tfsearch.run.selection.study import StudySpec, run_study
 from tfsearch.run.space import parse_space
@@ -65,12 +65,8 @@ def spaces(lam_points: int, ks: list[float]) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=40)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--milestones", type=int, default=6)
-    parser.add_argument("--lam-points", type=int, default=11)
+    add_cache_arguments(parser, maps=40, size=128, milestones=6, lam_points=11)
     parser.add_argument("--ks", default="1,2,3,4,5", help="k values of the searched study, comma-separated")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each study (min / median / max)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

@@ -177,16 +177,23 @@ def measure_tables(measured: Runs, url: str, name: str, default: Candidate) -> N
     measured.chosen.append(timed(lambda: best_candidate(fresh(), default)))
 
 
+def add_cache_arguments(
+    parser: argparse.ArgumentParser, *, maps: int, size: int, milestones: int, lam_points: int
+) -> None:
+    """The synthetic map cache's flags (`write_cache`), the λ values per study and `--repeats`."""
+    parser.add_argument("--maps", type=int, default=maps)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--milestones", type=int, default=milestones)
+    parser.add_argument("--lam-points", type=int, default=lam_points)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each study (min / median / max)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=200)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--milestones", type=int, default=30)
-    parser.add_argument("--lam-points", type=int, default=21)
+    add_cache_arguments(parser, maps=200, size=256, milestones=30, lam_points=21)
     parser.add_argument("--kernels", default=",".join(map(str, KERNELS)), help="n values, comma-separated")
     parser.add_argument("--exhaustive-only", action="store_true", help="no TPE studies beside it")
     parser.add_argument("--tpe-trials", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each study (min / median / max)")
     parser.add_argument(
         "--one-process",
         action="store_true",

@@ -286,9 +286,8 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics of one fused map stack (N, H, W) against `gt`, keyed by `EXTENDED_METRIC_NAMES` (the
     paper's `METRIC_NAMES` alone with `extended=False`); undefined ones are NaN. SegF1 binarises at
-    `seg_threshold`, by default `segmentation_threshold` of the stack's own normal images: right for
-    validation data, the oracle's choice on a test set (pass the validation threshold there, or NaN). One
-    value sort of all pixels (and one of the defect pixels) serves every pixel metric."""
+    `seg_threshold`, by default `segmentation_threshold` of the stack's own normal images (right for
+    validation data; on a test set pass the validation one, or NaN). One sort serves every pixel metric."""
     _check_limit(limit)
     maps, per_image = _checked_maps(gt, maps)
     pixels = _pixel_curve(gt, maps)
@@ -310,13 +309,18 @@ def evaluate(
 def segmentation_threshold(
     maps: np.ndarray, normal: np.ndarray | None = None, sigmas: float = SEG_THRESHOLD_SIGMAS
 ) -> float:
-    """The SegF1 threshold: mean + `sigmas`·std (population, ddof 0, in float64; MVTec's baseline k = 3) of
-    every pixel of the maps of the normal images (`normal`, bool per image; default every image). NaN when
-    there is no normal image."""
+    """The SegF1 threshold: mean + `sigmas`·std of `normal_pixel_stats` (MVTec's baseline k = 3)."""
+    mean, std = normal_pixel_stats(maps, normal)
+    return mean + sigmas * std
+
+
+def normal_pixel_stats(maps: np.ndarray, normal: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean and std (population, in float64) of every pixel of the maps of the normal images (`normal`, bool
+    per image; default all): SegF1's threshold for any k. NaN without a normal image."""
     maps = _real_scores(maps, "maps")
     chosen = [maps[i] for i in range(len(maps)) if normal is None or bool(normal[i])]
     if not chosen or sum(m.size for m in chosen) == 0:
-        return math.nan
+        return math.nan, math.nan
     # per image its mean and sum of squared deviations, combined exactly (Chan et al.'s pairwise update)
     sizes = np.array([m.size for m in chosen], dtype=np.float64)
     means = np.array([m.mean(dtype=np.float64) for m in chosen])
@@ -325,7 +329,7 @@ def segmentation_threshold(
     variance = float((squares.sum() + np.dot(sizes, (means - mean) ** 2)) / sizes.sum())
     if not (math.isfinite(mean) and math.isfinite(variance)):
         raise InputError("maps contain NaN or inf: expected finite anomaly scores")
-    return mean + sigmas * math.sqrt(variance)
+    return mean, math.sqrt(variance)
 
 
 def seg_f1(gt: GroundTruth, maps: np.ndarray, threshold: float) -> float:

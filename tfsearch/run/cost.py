@@ -43,11 +43,11 @@ FILTER_SECONDS_PER_PIXEL = 13.7 / (30 * 8 * 200 * 256 * 256)
 GRID_SECONDS_PER_CANDIDATE = 1.2 / 5040
 SAMPLED_SECONDS_PER_CANDIDATE = 3.6 / 64  # tpe / random: the sampler's own work per candidate
 # a candidate scored on its pixels, per pixel of the category's maps (bench/results/seg-threshold.md, same
-# CPU): SegF1 alone fuses the maps once per (λ, n) and counts them once per k; any other pixel metric (or
-# `all_metrics`) sorts every pixel
-SEG_F1_FUSE_SECONDS_PER_PIXEL = 3.9e-3 / 1e6
-SEG_F1_COUNT_SECONDS_PER_PIXEL = 1.9e-3 / 1e6
-EVALUATE_SECONDS_PER_PIXEL = 53.3e-3 / 1e6
+# CPU): SegF1 alone fuses and reduces the maps once per (λ, n) and counts them once per k; any other pixel
+# metric (or `all_metrics`) sorts every pixel
+SEG_F1_FUSE_SECONDS_PER_PIXEL = 5.3e-3 / 1e6
+SEG_F1_COUNT_SECONDS_PER_PIXEL = 0.38e-3 / 1e6
+EVALUATE_SECONDS_PER_PIXEL = 52.2e-3 / 1e6
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from tfsearch.maps.metrics import (
     GroundTruth,
     auroc,
     evaluate,
+    normal_pixel_stats,
     seg_f1,
-    segmentation_threshold,
 )
 from tfsearch.maps.segmentation import threshold_maps_dir
 
@@ -91,8 +91,9 @@ class CategoryMaps:
         self._maxima: dict[tuple[str, int], dict[int, ImageMaxima]] = {}
         # the validation maps of each milestone that sets SegF1's threshold: (fuser, normal images)
         self._threshold_maps: dict[tuple[str, int], tuple[MapFuser, np.ndarray] | None] = {}
-        # the last fused maps, so that the k values of one (model, epoch, λ, n) fuse once
-        self._fused: tuple[tuple, np.ndarray] | None = None
+        # the last configuration's fused maps and threshold statistics: the k values of one (model, epoch, λ,
+        # n) fuse and reduce its maps once
+        self._last: tuple[tuple, np.ndarray, tuple[float, float]] | None = None
 
     def _maps_dir(self, model: str, epoch: int) -> Path:
         if (model, epoch) not in self.maps_dirs:
@@ -151,23 +152,26 @@ class CategoryMaps:
         scores = self.maxima(candidate.model, candidate.epoch, candidate.kernel).scores(candidate.lam)
         return auroc(self.ground_truth.image_labels, scores)
 
-    def fused(self, candidate: Candidate) -> np.ndarray:
-        """The fused maps of a configuration; the last ones are kept for the next k of the same (λ, n)."""
+    def configuration(self, candidate: Candidate) -> tuple[np.ndarray, tuple[float, float]]:
+        """A configuration's fused maps and the (mean, std) of the normal pixels its SegF1 threshold is made
+        of: of the validation maps beside these maps when the run has them and these are not they
+        (`threshold_maps_dir`), else of these maps' own normal images. The last configuration's are kept
+        for the next k of the same (λ, n)."""
         key = (candidate.model, candidate.epoch, candidate.lam, candidate.kernel)
-        if self._fused is None or self._fused[0] != key:
-            fuser = self.fuser(candidate.model, candidate.epoch)
-            self._fused = (key, fuser.fuse(candidate.lam, candidate.kernel))
-        return self._fused[1]
+        if self._last is None or self._last[0] != key:
+            fused = self.fuser(candidate.model, candidate.epoch).fuse(candidate.lam, candidate.kernel)
+            source = self._threshold_source(candidate.model, candidate.epoch)
+            if source is None:
+                stats = normal_pixel_stats(fused, ~self.ground_truth.image_labels)
+            else:
+                fuser, normal = source
+                stats = normal_pixel_stats(fuser.fuse(candidate.lam, candidate.kernel), normal)
+            self._last = (key, fused, stats)
+        return self._last[1], self._last[2]
 
-    def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        """Every metric of a configuration (the pixel metrics need the full fused maps), MVTec AD 2's too."""
-        fused = self.fused(candidate)
-        return evaluate(self.ground_truth, fused, seg_threshold=self.seg_threshold(candidate, fused))
-
-    def seg_threshold(self, candidate: Candidate, fused: np.ndarray) -> float:
-        """SegF1's threshold for a configuration: from the validation maps beside these maps when the run has
-        them and these are not they (`threshold_maps_dir`), else from these maps' own normal images."""
-        key = (candidate.model, candidate.epoch)
+    def _threshold_source(self, model: str, epoch: int) -> tuple[MapFuser, np.ndarray] | None:
+        """The validation maps beside a milestone's maps (a fuser and their normal images), or None."""
+        key = (model, epoch)
         if key not in self._threshold_maps:
             source = threshold_maps_dir(self._maps_dir(*key))
             if source is None:
@@ -176,13 +180,12 @@ class CategoryMaps:
                 maps = read_map_set(source)
                 normal = ~maps.masks.any(axis=(1, 2))
                 self._threshold_maps[key] = (MapFuser(maps.m_disc, maps.m_recon), normal)
-        found = self._threshold_maps[key]
-        if found is None:
-            return segmentation_threshold(fused, ~self.ground_truth.image_labels, candidate.seg_sigmas)
-        fuser, normal = found
-        return segmentation_threshold(
-            fuser.fuse(candidate.lam, candidate.kernel), normal, candidate.seg_sigmas
-        )
+        return self._threshold_maps[key]
+
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        """Every metric of a configuration (the pixel metrics need the full fused maps), MVTec AD 2's too."""
+        fused, (mean, std) = self.configuration(candidate)
+        return evaluate(self.ground_truth, fused, seg_threshold=mean + candidate.seg_sigmas * std)
 
     def candidate_metrics(
         self, candidate: Candidate, metric: str, all_metrics: bool = False
@@ -192,8 +195,8 @@ class CategoryMaps:
         if metric == "image_auroc" and not all_metrics:
             return {"image_auroc": self.image_auroc(candidate)}
         if metric == "seg_f1" and not all_metrics:
-            fused = self.fused(candidate)
-            return {"seg_f1": seg_f1(self.ground_truth, fused, self.seg_threshold(candidate, fused))}
+            fused, (mean, std) = self.configuration(candidate)
+            return {"seg_f1": seg_f1(self.ground_truth, fused, mean + candidate.seg_sigmas * std)}
         return self.evaluate(candidate)
 
 
