@@ -258,10 +258,11 @@ def choose(finished: list[optuna.trial.FrozenTrial], spec: StudySpec) -> dict:
         return {"trial": None, "value": default_value, "tied": 0, "tie_break": None, "undecided": False}
     best = max(values)
     tied = [t for t in scored if t.value == best]
-    contenders: list[tuple[int | None, Candidate]] = [(None, spec.default)] if default_value == best else []
+    default_tied = default_value == best
+    contenders: list[tuple[int | None, Candidate]] = [(None, spec.default)] if default_tied else []
     # the default counts once, also where the space holds it as a candidate of its own
     tied_candidates = [(t.number, candidate_of(t)) for t in sorted(tied, key=lambda t: t.number)]
-    contenders += [(n, c) for n, c in tied_candidates if not (contenders and c == spec.default)]
+    contenders += [(n, c) for n, c in tied_candidates if not (default_tied and c == spec.default)]
     choice = {"trial": contenders[0][0], "value": best, "tied": len(contenders), "tie_break": None}
     choice["undecided"] = len(contenders) > 1
     winner = 0
